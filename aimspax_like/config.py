@@ -1,0 +1,322 @@
+"""The one campaign YAML, as strict pydantic models.
+
+Every number the aims-PAX paper gives is a *default* here and nowhere else: the moving-average
+window (400), c_x (0), the IDG stride (every 20th step), the MD settings (Langevin, 500 K, 1 fs,
+friction 0.001/fs), the optimiser (AMSGrad, lr 0.01, EMA 0.99, clip 10), the loss weights
+(energy 1, forces 1000), batch size 5, the model (32 channels, max_L 1, r_max 6, 8 Bessel
+functions, 2 interactions, correlation 3, radial MLP 3 x 32) and the convergence patience (50).
+
+Unknown keys are forbidden everywhere, so a typo is an error instead of a silently ignored
+setting. ``load_config`` turns any validation problem into a ``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aimspax_like.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- system
+
+
+class SystemConfig(_Strict):
+    """Start structures: files ASE can read, or folders of them (every file inside is read)."""
+
+    structures: list[Path] = Field(min_length=1, description="Structure files or folders.")
+    index: str = Field(":", description="ASE index applied to each file (':' = every frame).")
+
+    @field_validator("structures", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Path) else value
+
+
+# --------------------------------------------------------------------------- reference
+
+
+class _ReferenceBase(_Strict):
+    compute_stress: bool = Field(False, description="Also label stress for periodic cells.")
+    timeout_s: float | None = Field(None, gt=0, description="Wall limit of one label (seconds).")
+    keep_workdir: bool = Field(False, description="Keep each label's scratch folder on success.")
+
+
+class EMTReference(_ReferenceBase):
+    kind: Literal["emt"] = "emt"
+
+
+class LJReference(_ReferenceBase):
+    kind: Literal["lj"] = "lj"
+    sigma: float = Field(1.0, gt=0)
+    epsilon: float = Field(1.0, gt=0)
+    rc: float | None = Field(None, gt=0, description="Cutoff; ASE's default 3 sigma when unset.")
+    smooth: bool = True
+
+
+class XTBReference(_ReferenceBase):
+    kind: Literal["xtb"] = "xtb"
+    method: Literal["GFN2-xTB", "GFN1-xTB", "IPEA1-xTB"] = "GFN2-xTB"
+    accuracy: float = Field(1.0, gt=0)
+    electronic_temperature: float = Field(300.0, gt=0)
+    max_iterations: int = Field(250, gt=0)
+    charge: int = 0
+    multiplicity: int = Field(1, ge=1)
+
+
+class PySCFReference(_ReferenceBase):
+    kind: Literal["pyscf"] = "pyscf"
+    xc: str = Field("PBE", description="Functional; 'HF' runs Hartree-Fock.")
+    basis: str = "def2-SVP"
+    charge: int = 0
+    spin: int = Field(0, ge=0, description="2S, as PySCF counts it.")
+    max_cycle: int = Field(100, gt=0)
+    conv_tol: float = Field(1e-9, gt=0)
+
+
+class AimsReference(_ReferenceBase):
+    kind: Literal["aims"] = "aims"
+    command: str = Field("aims.x", description="Launch command, e.g. 'srun -n 128 aims.x'.")
+    species_dir: Path | None = Field(None, description="FHI-aims species defaults folder.")
+    xc: str = "pbe"
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Extra control.in keys.")
+
+
+class ImportReference(_ReferenceBase):
+    kind: Literal["import"] = "import"
+    path: str = Field(description="'module:Name' of an ASE calculator class or factory.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _module_colon_name(cls, value: str) -> str:
+        if value.count(":") != 1 or not all(value.split(":")):
+            raise ValueError("must look like 'package.module:Name'")
+        return value
+
+
+ReferenceConfig = Annotated[
+    EMTReference | LJReference | XTBReference | PySCFReference | AimsReference | ImportReference,
+    Field(discriminator="kind"),
+]
+
+
+class FaultInjection(_Strict):
+    """Wraps the reference to inject failures (tests and benchmarks only)."""
+
+    scf_failure: float = Field(0.0, ge=0, le=1)
+    crash: float = Field(0.0, ge=0, le=1)
+    hang: float = Field(0.0, ge=0, le=1)
+    hang_s: float = Field(3600.0, gt=0)
+    delay_s: float = Field(0.0, ge=0, description="Extra wall time per label (stands for DFT cost).")
+
+
+# --------------------------------------------------------------------------- model / training
+
+
+class ModelConfig(_Strict):
+    """MACE architecture of every ensemble member (the paper's small peptide model)."""
+
+    ensemble_size: int = Field(4, ge=1)
+    seeds: list[int] | None = Field(None, description="One seed per member; default 0..M-1 + seed.")
+    channels: int = Field(32, ge=1)
+    max_L: int = Field(1, ge=0, le=3)
+    r_max: float = Field(6.0, gt=0)
+    num_radial_basis: int = Field(8, ge=1)
+    num_cutoff_basis: int = Field(5, ge=1)
+    num_interactions: int = Field(2, ge=1)
+    correlation: int = Field(3, ge=1)
+    radial_mlp: list[int] = Field(default_factory=lambda: [32, 32, 32], min_length=1)
+    mlp_irreps: str = "16x0e"
+    max_ell: int = Field(3, ge=0, description="Spherical harmonics order of the edges.")
+    dtype: Literal["float32", "float64"] = "float64"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _seeds_match(self) -> ModelConfig:
+        if self.seeds is not None and len(self.seeds) != self.ensemble_size:
+            raise ValueError(f"seeds has {len(self.seeds)} entries, ensemble_size is {self.ensemble_size}")
+        return self
+
+
+class TrainingConfig(_Strict):
+    lr: float = Field(0.01, gt=0)
+    amsgrad: bool = True
+    weight_decay: float = Field(5e-7, ge=0)
+    ema_decay: float | None = Field(0.99, gt=0, lt=1, description="null disables the EMA.")
+    clip_grad: float | None = Field(10.0, gt=0)
+    energy_weight: float = Field(1.0, ge=0)
+    forces_weight: float = Field(1000.0, ge=0)
+    batch_size: int = Field(5, ge=1)
+    valid_batch_size: int = Field(20, ge=1)
+
+
+class ConvergeConfig(_Strict):
+    """The final phase: train to convergence with patience on the validation loss."""
+
+    enabled: bool = True
+    members: Literal["best", "all"] = "best"
+    patience: int = Field(50, ge=1)
+    max_epochs: int = Field(1000, ge=1)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class MDConfig(_Strict):
+    ensemble: Literal["langevin", "nve"] = "langevin"
+    temperature_K: float = Field(500.0, gt=0)
+    timestep_fs: float = Field(1.0, gt=0)
+    friction_per_fs: float = Field(0.001, ge=0)
+
+
+class IDGConfig(_Strict):
+    """Initial dataset generation: sample, label every ``stride``-th frame, train, repeat."""
+
+    enabled: bool = True
+    sampler: Literal["reference", "foundation"] = "reference"
+    foundation_model: str | None = Field(
+        None, description="'mace-mp-0[-small|-medium|-large]', or a path to a MACE model file."
+    )
+    stride: int = Field(20, ge=1)
+    points_per_member: int = Field(5, ge=1, description="New points per member per round.")
+    intermediate_epochs: int = Field(5, ge=1)
+    valid_ratio: float = Field(0.1, gt=0, lt=1)
+    max_epochs: int = Field(50, ge=1)
+    max_set_size: int = Field(100, ge=1, description="Labelled frames (train + valid).")
+    desired_acc: float | None = Field(None, gt=0, description="Target valid force MAE (eV/A).")
+    desired_acc_scale: float = Field(10.0, gt=0)
+    md: MDConfig = Field(default_factory=MDConfig)
+
+    @model_validator(mode="after")
+    def _foundation_named(self) -> IDGConfig:
+        if self.sampler == "foundation" and not self.foundation_model:
+            raise ValueError("sampler 'foundation' needs foundation_model")
+        return self
+
+
+class ALConfig(_Strict):
+    """Parallel active learning (Eq. 1, Eq. 2 and the per-trajectory state machine)."""
+
+    enabled: bool = True
+    mode: Literal["serial", "parallel"] = "parallel"
+    num_trajectories: int = Field(4, ge=1)
+    check_every: int = Field(10, ge=1, description="MD steps between uncertainty checks.")
+    window: int = Field(400, gt=0, description="Moving-average window N of Eq. 2.")
+    warmup: int = Field(10, ge=1, description="Uncertainties seen before the threshold is finite.")
+    c_x: float = Field(0.0, gt=-1)
+    freeze_threshold_at: int | None = Field(None, ge=1, description="Train-set size that freezes it.")
+    valid_ratio: float = Field(0.1, gt=0, lt=1)
+    intermediate_epochs: int = Field(1, ge=1)
+    max_epochs_per_point: int = Field(2, ge=1)
+    max_train_set_size: int = Field(200, ge=1)
+    desired_acc: float | None = Field(None, gt=0, description="Stop when valid force MAE below.")
+    max_md_steps: int = Field(10000, ge=1, description="MD steps per trajectory.")
+    max_labels_in_flight: int | None = Field(None, ge=1, description="Default: one per trajectory.")
+    md: MDConfig | list[MDConfig] = Field(default_factory=MDConfig)
+
+    @model_validator(mode="after")
+    def _md_per_trajectory(self) -> ALConfig:
+        if isinstance(self.md, list) and len(self.md) != self.num_trajectories:
+            raise ValueError(f"md has {len(self.md)} blocks for {self.num_trajectories} trajectories")
+        return self
+
+    def md_for(self, trajectory: int) -> MDConfig:
+        return self.md[trajectory] if isinstance(self.md, list) else self.md
+
+
+class LocalCluster(_Strict):
+    kind: Literal["local"] = "local"
+    max_workers: int = Field(2, ge=1)
+    cores_per_worker: float = Field(1.0, gt=0)
+
+
+class TestSetConfig(_Strict):
+    """Held-out frames labelled at the end to report the final model's error."""
+
+    size: int = Field(0, ge=0, description="0 disables the test set.")
+    stride: int = Field(20, ge=1)
+    md: MDConfig = Field(default_factory=lambda: MDConfig(temperature_K=300.0))
+
+
+class OutputConfig(_Strict):
+    directory: Path = Path("runs/campaign")
+    export_xyz: bool = True
+
+
+class CampaignConfig(_Strict):
+    system: SystemConfig
+    reference: ReferenceConfig
+    faults: FaultInjection | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    idg: IDGConfig = Field(default_factory=IDGConfig)
+    al: ALConfig = Field(default_factory=ALConfig)
+    converge: ConvergeConfig = Field(default_factory=ConvergeConfig)
+    test_set: TestSetConfig = Field(default_factory=TestSetConfig)
+    cluster: LocalCluster = Field(default_factory=LocalCluster)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seed: int = 0
+
+    def member_seeds(self) -> list[int]:
+        if self.model.seeds is not None:
+            return list(self.model.seeds)
+        return [self.seed + k for k in range(self.model.ensemble_size)]
+
+    def resolved_yaml(self) -> str:
+        """Every setting, defaults included, as the YAML saved into the run directory."""
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    # Drop pydantic's union-tag segments (e.g. 'xtb') that are not keys the user wrote.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS)]
+    return ".".join(parts) or "<root>"
+
+
+_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "MDConfig", "list[MDConfig]"}
+
+
+def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
+    """Validate a mapping; the first problem becomes a one-line ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "the top level must be a mapping of sections")
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _dotted(first["loc"])
+        kind = first["type"]
+        if kind == "extra_forbidden":
+            raise ConfigError(key, "unknown key") from None
+        if kind == "missing":
+            raise ConfigError(key, "required key is missing") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(key, f"{message} (got {first.get('input')!r})") from None
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML; relative structure paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML ({exc.__class__.__name__})") from None
+    config = config_from_dict(data, source=str(path))
+    base = path.resolve().parent
+    config.system.structures = [p if p.is_absolute() else base / p for p in config.system.structures]
+    return config
+
+
+def json_schema() -> dict[str, Any]:
+    return CampaignConfig.model_json_schema()
