@@ -292,7 +292,10 @@ def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
     try:
         return CampaignConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # Of a union's alternatives, the deepest error is the one the user meant (a list of MD
+        # blocks with a typo should name the typo, not say "not a mapping").
+        errors = exc.errors()
+        first = max(errors, key=lambda e: len(e["loc"])) if len(errors) > 1 else errors[0]
         key = _dotted(first["loc"])
         kind = first["type"]
         if kind == "extra_forbidden":

@@ -1,0 +1,95 @@
+"""The ``aimspax-like`` command.
+
+``run CONFIG`` runs IDG, AL and convergence; ``idg``, ``al`` and ``converge`` run one phase
+(``al``/``converge`` continue the run directory written by the phase before). ``init`` writes a
+commented template, ``schema`` prints the config's JSON schema. Every setup problem prints one
+line, ``error: <key or file>: <what>``, and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from aimspax_like.errors import SetupError
+
+EXIT_SETUP = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aimspax-like", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "initial dataset generation, active learning and convergence"),
+        ("idg", "initial dataset generation only (creates the run directory)"),
+        ("al", "active learning only (continues a run directory after idg)"),
+        ("converge", "convergence training and test set only (after al)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", type=Path, help="campaign YAML")
+        cmd.add_argument("--overwrite", action="store_true", help="start the phase(s) over if already run")
+        cmd.add_argument("--output", type=Path, help="run directory (overrides output.directory)")
+        cmd.add_argument("--quiet", action="store_true", help="no progress line")
+    init = sub.add_parser("init", help="write a commented campaign template")
+    init.add_argument("path", type=Path, nargs="?", default=Path("campaign.yaml"))
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sub.add_parser("schema", help="print the JSON schema of the campaign YAML")
+    return parser
+
+
+PHASES_OF = {"run": ("idg", "al", "converge"), "idg": ("idg",), "al": ("al",), "converge": ("converge",)}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aimspax_like.config import load_config
+
+    config = load_config(args.config)
+    if args.output is not None:
+        config.output.directory = args.output
+    from aimspax_like.analysis.summary import render
+    from aimspax_like.campaign import run_campaign
+    from aimspax_like.progress import ProgressLine
+
+    progress = None if args.quiet else ProgressLine()
+    try:
+        summary = run_campaign(config, PHASES_OF[args.command], overwrite=args.overwrite, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(render(summary))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    if args.path.exists() and not args.force:
+        raise SetupError(f"{args.path}: file exists; pass --force to overwrite")
+    text = resources.files("aimspax_like").joinpath("templates/campaign.yaml").read_text()
+    args.path.write_text(text)
+    print(f"wrote {args.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "schema":
+            from aimspax_like.config import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
+            return 0
+        return _run(args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The committee: the MACE ensemble, its continual-learning trainer and each member's data.
+
+This is the one object the phases talk to for anything learned. It hides MACE behind three
+verbs the scheduler needs (``committee_forces`` for a batch of structures, ``add`` a labelled
+frame, ``train_round``), and keeps each member's training set: the member's own disjoint
+IDG subset plus every frame shared by all members (active-learning points). Validation frames
+are shared by all members, so their force MAEs compare like with like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from aimspax_like.config import CampaignConfig
+from aimspax_like.data import LabelledFrame
+from aimspax_like.models.ensemble import (
+    MACEEnsemble,
+    atomic_energies_from_data,
+    average_neighbors,
+    force_scale,
+)
+from aimspax_like.models.training import EnsembleTrainer, MemberMetrics
+
+
+class Committee:
+    def __init__(self, ensemble: MACEEnsemble, trainer: EnsembleTrainer) -> None:
+        self.ensemble = ensemble
+        self.trainer = trainer
+        self.n_members = len(ensemble.members)
+        self.member_train: list[list[Atoms]] = [[] for _ in range(self.n_members)]
+        self.valid: list[Atoms] = []
+        self.last_metrics: list[MemberMetrics] = []
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_data(
+        cls, config: CampaignConfig, frames: list[LabelledFrame], atomic_numbers: list[int]
+    ) -> Committee:
+        """New members whose E0s, neighbour count and force scale come from the data."""
+        atoms = [f.to_atoms() for f in frames if f.split in ("train", "valid")]
+        ensemble = MACEEnsemble.build(
+            config.model,
+            config.member_seeds(),
+            atomic_numbers=sorted(atomic_numbers),
+            atomic_energies=atomic_energies_from_data(atoms, sorted(atomic_numbers)),
+            avg_num_neighbors=average_neighbors(atoms, config.model.r_max),
+            scale=force_scale(atoms),
+        )
+        committee = cls(ensemble, EnsembleTrainer(ensemble, config.training, config.al.max_epochs_per_point))
+        committee.add_all(frames)
+        return committee
+
+    @classmethod
+    def from_files(
+        cls, config: CampaignConfig, model_paths: list[Path], frames: list[LabelledFrame]
+    ) -> Committee:
+        """Members loaded from ``member_k.model`` files (a phase run on its own)."""
+        ensemble = MACEEnsemble.load(model_paths, device=config.model.device, dtype=config.model.dtype)
+        committee = cls(ensemble, EnsembleTrainer(ensemble, config.training, config.al.max_epochs_per_point))
+        committee.add_all(frames)
+        return committee
+
+    # ------------------------------------------------------------------ data
+
+    def add(self, frame: LabelledFrame) -> None:
+        atoms = frame.to_atoms()
+        if frame.split == "valid":
+            self.valid.append(atoms)
+        elif frame.split == "train":
+            members = range(self.n_members) if frame.member < 0 else [frame.member % self.n_members]
+            for k in members:
+                self.member_train[k].append(atoms)
+
+    def add_all(self, frames: list[LabelledFrame]) -> None:
+        for frame in frames:
+            self.add(frame)
+
+    def member_data(self) -> list[tuple[list[Atoms], list[Atoms]]]:
+        return [(train, self.valid) for train in self.member_train]
+
+    @property
+    def all_train(self) -> list[Atoms]:
+        """Every distinct training frame (the IDG subsets together plus the shared frames)."""
+        seen: dict[int, Atoms] = {}
+        for train in self.member_train:
+            for atoms in train:
+                seen.setdefault(id(atoms), atoms)
+        return list(seen.values())
+
+    # ------------------------------------------------------------------ learning
+
+    def train_round(self, epochs: int) -> list[MemberMetrics]:
+        self.last_metrics = self.trainer.train_round(self.member_data(), epochs)
+        return self.last_metrics
+
+    def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]:
+        """One ``[n_members, n_atoms, 3]`` array per structure, from one batched prediction."""
+        prediction = self.ensemble.predict(structures)
+        return [prediction.forces_of(s) for s in range(len(structures))]
+
+    def valid_force_mae(self) -> float:
+        """Mean over members of the latest validation force MAE (inf before any training)."""
+        if not self.last_metrics:
+            return float("inf")
+        return float(np.mean([m.valid_force_mae for m in self.last_metrics]))
+
+    def best_member(self) -> int:
+        return self.trainer.best_member()
+
+    def save(self, models_dir: Path) -> list[Path]:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        self.ensemble.save(models_dir)
+        return sorted(models_dir.glob("member_*.model"))

@@ -1,0 +1,114 @@
+"""What every phase shares: the run directory's paths, the dataset, the event log, the labeller.
+
+``RunContext.store_label`` is the single door through which a reference label enters the
+campaign: the frame is durable in ``data/dataset.h5`` (and logged) before anything learns
+from it or refers to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from aimspax_like.config import CampaignConfig
+from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
+from aimspax_like.events import EventLog, WallClock
+from aimspax_like.reference.results import LabelResult
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "campaign.yaml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def dataset(self) -> Path:
+        return self.data / "dataset.h5"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def events(self) -> Path:
+        return self.logs / "events.jsonl"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def member_models(self) -> list[Path]:
+        return sorted(self.models.glob("member_*.model"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+@dataclass
+class RunContext:
+    config: CampaignConfig
+    paths: RunPaths
+    store: DatasetStore
+    events: EventLog
+    executor: Any  # aimspax_like.execution.LabelExecutor; kept untyped so no phase imports parsl
+    structures: list[Atoms]
+    clock: WallClock = field(default_factory=WallClock)
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    split_counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Counted once from the file, then kept in step by store_label (the stop criteria ask
+        # for the training-set size every MD step; reopening the HDF5 file each time is waste).
+        self.split_counts = dict(self.store.counts()["split"])
+
+    @property
+    def reference_spec(self) -> dict[str, Any]:
+        return self.config.reference.model_dump(mode="json")
+
+    @property
+    def faults(self) -> dict[str, Any] | None:
+        return None if self.config.faults is None else self.config.faults.model_dump(mode="json")
+
+    @property
+    def fingerprint(self) -> str:
+        return reference_fingerprint(self.reference_spec)
+
+    def store_label(self, atoms: Atoms, result: LabelResult, split: str, **provenance: Any) -> LabelledFrame:
+        frame = LabelledFrame.from_atoms(
+            atoms, result.energy, result.forces, result.stress, split=split,
+            reference=self.fingerprint, label_wall_s=result.wall_s, **provenance,
+        )
+        index = self.store.append(frame)
+        self.split_counts[split] = self.split_counts.get(split, 0) + 1
+        self.events.emit(
+            "frame_stored", index=index, split=split, origin=provenance.get("origin"),
+            trajectory=provenance.get("trajectory", -1), member=provenance.get("member", -1),
+        )
+        return frame
+
+    def train_size(self) -> int:
+        return self.split_counts.get("train", 0)
+
+    def progress(self, **status: Any) -> None:
+        if self.on_progress is not None:
+            self.on_progress(status)

@@ -1,0 +1,160 @@
+"""One reference-labelled structure and the fingerprint of the settings that labelled it.
+
+A ``LabelledFrame`` is the unit the whole engine trades in: the reference workers produce them,
+the store keeps them, the trainers read them back as ``ase.Atoms``. Its fields are normalised on
+construction (dtypes, shapes, Voigt stress) so that what goes into the HDF5 store comes back
+bit-for-bit, and so that a malformed label fails where it is made rather than during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+SPLITS = ("train", "valid", "test")
+ORIGINS = ("idg", "al", "test", "analysis")
+
+# Provenance written into ``atoms.info`` by ``to_atoms``; the store and extxyz share this list.
+PROVENANCE_KEYS = ("split", "origin", "trajectory", "md_step", "uncertainty", "member",
+                   "reference", "label_wall_s", "created")
+
+# Reference settings that change how a label is run but never its numbers.
+_NON_NUMERIC_KEYS = frozenset({"timeout_s", "keep_workdir"})
+_NON_NUMERIC_BY_KIND = {"aims": frozenset({"command"})}
+
+
+def _voigt(stress: Any) -> np.ndarray:
+    """Return stress as the 6-vector (xx, yy, zz, yz, xz, xy) that ASE and MACE both accept."""
+    arr = np.asarray(stress, dtype=np.float64)
+    if arr.shape == (6,):
+        return arr.copy()
+    if arr.size == 9:
+        m = arr.reshape(3, 3)
+        return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]], dtype=np.float64)
+    raise ValueError(f"stress must have 6 (Voigt) or 9 (3x3) components, got shape {arr.shape}")
+
+
+@dataclass(eq=False)
+class LabelledFrame:
+    """A structure with its reference energy/forces(/stress) and where it came from.
+
+    ``member`` is the ensemble member whose training subset the frame belongs to (IDG hands
+    different frames to different members); -1 means every member trains on it. ``reference``
+    is ``reference_fingerprint`` of the settings that produced the label, so frames labelled
+    with different settings are never silently mixed.
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    energy: float
+    forces: np.ndarray
+    stress: np.ndarray | None
+    split: str
+    origin: str
+    trajectory: int = -1
+    md_step: int = -1
+    uncertainty: float = math.nan
+    member: int = -1
+    reference: str = ""
+    label_wall_s: float = math.nan
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1).copy()
+        n = len(self.numbers)
+        self.positions = np.asarray(self.positions, dtype=np.float64).copy()
+        self.forces = np.asarray(self.forces, dtype=np.float64).copy()
+        for name, arr in (("positions", self.positions), ("forces", self.forces)):
+            if arr.shape != (n, 3):
+                raise ValueError(f"{name} must have shape ({n}, 3), got {arr.shape}")
+        self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3).copy()
+        self.pbc = np.broadcast_to(np.asarray(self.pbc, dtype=bool), (3,)).copy()
+        self.stress = None if self.stress is None else _voigt(self.stress)
+        self.energy = float(self.energy)
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {ORIGINS}, got {self.origin!r}")
+        self.trajectory = int(self.trajectory)
+        self.md_step = int(self.md_step)
+        self.member = int(self.member)
+        self.uncertainty = float(self.uncertainty)
+        self.label_wall_s = float(self.label_wall_s)
+        self.created = float(self.created)
+        self.reference = str(self.reference)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms: Atoms,
+        energy: float,
+        forces: Any,
+        stress: Any | None = None,
+        **provenance: Any,
+    ) -> LabelledFrame:
+        """Build a frame from the structure a reference calculation was run on.
+
+        The label is passed explicitly rather than read from ``atoms.calc`` so a stale
+        calculator attached to the structure can never be mistaken for the reference.
+        """
+        return cls(
+            numbers=atoms.get_atomic_numbers(),
+            positions=atoms.get_positions(),
+            cell=atoms.cell.array,
+            pbc=atoms.get_pbc(),
+            energy=energy,
+            forces=forces,
+            stress=stress,
+            **provenance,
+        )
+
+    def to_atoms(self) -> Atoms:
+        """Return ``ase.Atoms`` carrying the label twice, as calculator results and as REF_* keys.
+
+        The calculator serves ASE code (``get_potential_energy``); the REF_* keys are what
+        MACE's data loader reads with ``--energy_key REF_energy --forces_key REF_forces``.
+        """
+        atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        results: dict[str, Any] = {"energy": self.energy, "forces": self.forces.copy()}
+        if self.stress is not None:
+            results["stress"] = self.stress.copy()
+            atoms.info["REF_stress"] = self.stress.copy()
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info["REF_energy"] = self.energy
+        atoms.arrays["REF_forces"] = self.forces.copy()
+        for key in PROVENANCE_KEYS:
+            atoms.info[key] = getattr(self, key)
+        if not self.reference:
+            # An empty value would corrupt the extxyz comment line ASE writes from this info.
+            del atoms.info["reference"]
+        return atoms
+
+
+def reference_fingerprint(spec: Mapping[str, Any] | Any) -> str:
+    """Return a 16-hex-digit hash of the reference settings that determine the label values.
+
+    Wall limits, scratch handling and (for FHI-aims) the launch command are dropped: a campaign
+    resumed with a longer timeout or on another node count must still recognise its old labels.
+    Pydantic models are accepted as well as plain dicts.
+    """
+    if hasattr(spec, "model_dump"):
+        spec = spec.model_dump(mode="json")
+    data = dict(spec)
+    dropped = _NON_NUMERIC_KEYS | _NON_NUMERIC_BY_KIND.get(str(data.get("kind", "")), frozenset())
+    canonical = {k: v for k, v in data.items() if k not in dropped}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

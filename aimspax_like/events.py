@@ -1,0 +1,91 @@
+"""The structured event log (``logs/events.jsonl``) and the wall-time accounting.
+
+Everything the engine decides is an event, one JSON object per line, so the summary, a later
+resume and the tests are all built from the same record. Lines are flushed as they are written:
+a killed driver leaves every event it logged before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class EventLog:
+    """Append-only JSONL writer; also counts events by name for the summary."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+        self.counts: Counter[str] = Counter()
+        self.t0 = time.time()
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"t": round(time.time(), 4), "event": event, **_jsonable(fields)}
+        self.counts[event] += 1
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All complete events of a log (a torn last line from a kill is skipped)."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+class WallClock:
+    """Splits the driver's wall time into named buckets (ml, waiting, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter[str] = Counter()
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def measure(self, bucket: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[bucket] += time.perf_counter() - begin
+
+    def add(self, bucket: str, seconds: float) -> None:
+        self.seconds[bucket] += seconds
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

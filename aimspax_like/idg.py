@@ -1,0 +1,176 @@
+"""Initial dataset generation: sample, label, train a few epochs, repeat until a stop criterion.
+
+Each round collects ``points_per_member`` new training frames per member (plus validation
+frames by ``valid_ratio``), deals the training frames out so that every member gets a disjoint
+random subset, and trains every member ``intermediate_epochs`` epochs without re-initialising
+its weights. It stops at ``max_epochs`` epochs, ``max_set_size`` labelled frames, or when the
+mean validation force MAE drops below ``desired_acc * desired_acc_scale``.
+
+With ``sampler: reference`` the reference drives the MD in this process and every
+``stride``-th frame keeps the reference's own energy and forces (they were computed anyway).
+With ``sampler: foundation`` a foundation model drives the MD and the frames go to the label
+workers in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+
+from aimspax_like.committee import Committee
+from aimspax_like.context import RunContext
+from aimspax_like.data import LabelledFrame
+from aimspax_like.data.splits import SplitCounter
+from aimspax_like.reference.results import LabelFailure, LabelResult
+from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
+from aimspax_like.scheduler import outcome_of as _outcome_of
+
+
+class MemberDealer:
+    """Deals training frames to members: each block of M frames goes to a random permutation."""
+
+    def __init__(self, n_members: int, rng: np.random.Generator) -> None:
+        self.n_members = n_members
+        self.rng = rng
+        self._order: list[int] = []
+
+    def next(self) -> int:
+        if not self._order:
+            self._order = [int(k) for k in self.rng.permutation(self.n_members)]
+        return self._order.pop()
+
+
+def _reference_sampler(ctx: RunContext) -> StridedSampler:
+    from aimspax_like.reference.calculators import make_calculator
+
+    workdir = ctx.paths.labels / "idg_md"
+    return StridedSampler(
+        ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), ctx.config.idg.md,
+        ctx.config.idg.stride, seed=ctx.config.seed,
+        on_failure=lambda i, exc: ctx.events.emit("md_failed", phase="idg", structure=i, error=str(exc)[:200]),
+    )
+
+
+def _foundation_sampler(ctx: RunContext) -> StridedSampler:
+    from aimspax_like.models.foundation import load_foundation_calculator
+
+    model = ctx.config.idg.foundation_model
+    device = "cpu" if ctx.config.model.device == "auto" else ctx.config.model.device
+    calculator = load_foundation_calculator(model, device=device, dtype=ctx.config.model.dtype)
+    return StridedSampler(
+        ctx.structures, lambda: calculator, ctx.config.idg.md, ctx.config.idg.stride, seed=ctx.config.seed
+    )
+
+
+class IDGPhase:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config.idg
+        self.n_members = ctx.config.model.ensemble_size
+        self.splits = SplitCounter(self.config.valid_ratio)
+        self.dealer = MemberDealer(self.n_members, np.random.default_rng(ctx.config.seed + 7))
+        self.frames: list[LabelledFrame] = []
+        self.epochs = 0
+        self._label_count = 0
+
+    def run(self) -> Committee:
+        ctx = self.ctx
+        ctx.events.emit("phase_start", phase="idg", sampler=self.config.sampler)
+        sampler = _reference_sampler(ctx) if self.config.sampler == "reference" else _foundation_sampler(ctx)
+        committee: Committee | None = None
+        reason = ""
+        while not reason:
+            new = self._collect_round(sampler)
+            if committee is None:
+                numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
+                committee = Committee.from_data(ctx.config, self.frames, numbers)
+            else:
+                committee.add_all(new)
+            with ctx.clock.measure("training"):
+                metrics = committee.train_round(self.config.intermediate_epochs)
+            self.epochs += self.config.intermediate_epochs
+            ctx.events.emit(
+                "training_round", phase="idg", epochs=self.config.intermediate_epochs,
+                total_epochs=self.epochs, train_size=ctx.train_size(), members=[m.__dict__ for m in metrics],
+            )
+            ctx.progress(phase="idg", frames=len(ctx.store), epochs=self.epochs,
+                         valid_mae=committee.valid_force_mae(), md_steps=sampler.total_steps)
+            reason = self._stop_reason(committee)
+        ctx.events.emit("phase_end", phase="idg", reason=reason, frames=len(self.frames),
+                        epochs=self.epochs, md_steps=sampler.total_steps)
+        committee.save(ctx.paths.models)
+        return committee
+
+    def _stop_reason(self, committee: Committee) -> str:
+        if self.epochs >= self.config.max_epochs:
+            return "max_epochs"
+        if len(self.frames) >= self.config.max_set_size:
+            return "max_set_size"
+        target = self.config.desired_acc
+        if target is not None and committee.valid_force_mae() < target * self.config.desired_acc_scale:
+            return "desired_acc"
+        return ""
+
+    # ------------------------------------------------------------------ collecting
+
+    def _collect_round(self, sampler: StridedSampler) -> list[LabelledFrame]:
+        """Label frames until this round has points_per_member training frames per member.
+
+        Every label that comes back is stored, even past the round's target: a reference
+        calculation that was paid for is never thrown away.
+        """
+        wanted_train = self.config.points_per_member * self.n_members
+        new: list[LabelledFrame] = []
+        while sum(f.split == "train" for f in new) < wanted_train:
+            room = self.config.max_set_size - len(self.frames) - len(new)
+            if room <= 0 and new:
+                break
+            still_needed = wanted_train - sum(f.split == "train" for f in new)
+            for atoms, result, sampled in self._label_batch(sampler, max(1, min(room, still_needed))):
+                split = self.splits.next()
+                member = self.dealer.next() if split == "train" else -1
+                new.append(self.ctx.store_label(
+                    atoms, result, split, origin="idg", trajectory=sampled.structure,
+                    md_step=sampled.md_step, member=member,
+                ))
+            self.ctx.progress(phase="idg", frames=len(self.ctx.store), epochs=self.epochs,
+                              md_steps=sampler.total_steps)
+        self.frames.extend(new)
+        return new
+
+    def _label_batch(self, sampler: StridedSampler, limit: int) -> list[tuple[Atoms, LabelResult, SampledFrame]]:
+        if self.config.sampler == "reference":
+            with self.ctx.clock.measure("labelling"):
+                sampled = sampler.next_frame()
+            return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, None, None, 0.0), sampled)]
+        return self._label_by_workers(sampler, min(limit, max(1, getattr(self.ctx.executor, "n_workers", 1))))
+
+    def _label_by_workers(
+        self, sampler: StridedSampler, batch: int
+    ) -> list[tuple[Atoms, LabelResult, SampledFrame]]:
+        """Foundation-model frames labelled in parallel, ``batch`` at a time; failures dropped."""
+        ctx = self.ctx
+        with ctx.clock.measure("md"):
+            sampled = [sampler.next_frame() for _ in range(batch)]
+        futures = []
+        for s in sampled:
+            workdir = str(ctx.paths.labels / f"idg_{self._label_count:06d}")
+            seed = ctx.config.seed * 1_000_003 + self._label_count
+            self._label_count += 1
+            futures.append(ctx.executor.submit(s.atoms, ctx.reference_spec, workdir, ctx.faults, seed=seed))
+            ctx.events.emit("label_submitted", phase="idg", structure=s.structure, step=s.md_step)
+        labelled = []
+        for s, future in zip(sampled, futures, strict=True):
+            with ctx.clock.measure("waiting"):
+                outcome = _outcome_of(future)
+            ctx.clock.add("labelling", outcome.wall_s)
+            if isinstance(outcome, LabelFailure):
+                ctx.events.emit("label_failed", phase="idg", kind=outcome.kind.value, message=outcome.message)
+                continue
+            ctx.events.emit("label_done", phase="idg", wall_s=outcome.wall_s)
+            labelled.append((s.atoms, outcome, s))
+        return labelled
+
+
+def run_idg(ctx: RunContext) -> Committee:
+    return IDGPhase(ctx).run()

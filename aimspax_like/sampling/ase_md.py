@@ -1,0 +1,105 @@
+"""Round-robin MD over the start structures with one ASE calculator (IDG and test-set sampling).
+
+Initial dataset generation drives MD either with the reference itself or with a foundation
+model; both are ASE calculators, so ASE's own integrators run them. Every ``stride`` steps a
+frame is handed out (with the calculator's energy and forces at that point). A step that raises
+(an SCF that does not converge during reference MD) rewinds that structure's MD to its last
+handed-out frame with fresh velocities instead of ending the phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+
+from aimspax_like.config import MDConfig
+from aimspax_like.sampling.dynamics import maxwell_boltzmann
+
+
+@dataclass
+class SampledFrame:
+    atoms: Atoms  # a copy without calculator
+    energy: float
+    forces: np.ndarray
+    structure: int
+    md_step: int
+
+
+class StridedSampler:
+    """Hands out every ``stride``-th MD frame, cycling over the start structures."""
+
+    def __init__(
+        self,
+        structures: list[Atoms],
+        make_calculator: Callable[[], Calculator],
+        md: MDConfig,
+        stride: int,
+        seed: int,
+        on_failure: Callable[[int, Exception], None] | None = None,
+        max_failures: int = 20,
+    ) -> None:
+        self.md = md
+        self.stride = stride
+        self.on_failure = on_failure
+        self.max_failures = max_failures
+        self.rng = np.random.default_rng(seed)
+        self.atoms: list[Atoms] = []
+        self.last_good: list[Atoms] = []
+        self.steps = [0] * len(structures)
+        for structure in structures:
+            atoms = structure.copy()
+            atoms.calc = make_calculator()
+            atoms.set_momenta(maxwell_boltzmann(atoms, md.temperature_K, self.rng))
+            self.atoms.append(atoms)
+            self.last_good.append(atoms.copy())
+        self.dynamics = [self._dynamics(a) for a in self.atoms]
+        self._next = 0
+
+    def _dynamics(self, atoms: Atoms):
+        dt = self.md.timestep_fs * units.fs
+        if self.md.ensemble == "nve":
+            return VelocityVerlet(atoms, timestep=dt)
+        return Langevin(
+            atoms, timestep=dt, temperature_K=self.md.temperature_K,
+            friction=self.md.friction_per_fs / units.fs, fixcm=True, rng=self.rng,
+        )
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+    def next_frame(self) -> SampledFrame:
+        index = self._next
+        self._next = (self._next + 1) % len(self.atoms)
+        atoms, failures = self.atoms[index], 0
+        while True:
+            try:
+                self.dynamics[index].run(self.stride)
+                energy = float(atoms.get_potential_energy())
+                forces = np.array(atoms.get_forces())
+                if not (np.isfinite(energy) and np.isfinite(forces).all()):
+                    raise FloatingPointError("non-finite energy or forces")
+                break
+            except Exception as exc:  # reference MD failures are expected data, not crashes
+                failures += 1
+                if self.on_failure is not None:
+                    self.on_failure(index, exc)
+                if failures >= self.max_failures:
+                    raise
+                self._rewind(index)
+        self.steps[index] += self.stride
+        frame = atoms.copy()
+        frame.calc = None
+        self.last_good[index] = frame.copy()
+        return SampledFrame(frame, energy, forces, index, self.steps[index])
+
+    def _rewind(self, index: int) -> None:
+        atoms = self.atoms[index]
+        atoms.set_positions(self.last_good[index].get_positions())
+        atoms.set_momenta(maxwell_boltzmann(atoms, self.md.temperature_K, self.rng))

@@ -1,0 +1,358 @@
+"""The active-learning state machine over many trajectories.
+
+Each trajectory is ``RUNNING -> WAITING (label in flight) -> TRAINING -> RUNNING``, or ``DONE``.
+One loop iteration:
+
+1. take every label that has finished (futures report through a queue; nothing polls),
+2. run one training round if any trajectory is TRAINING; a trajectory returns to RUNNING once
+   its point has had ``max_epochs_per_point`` epochs,
+3. advance all RUNNING trajectories by one MD step with one batched committee call,
+4. on check steps, compare each trajectory's Eq. 1 uncertainty with the shared Eq. 2 threshold
+   and send the frames above it to the reference.
+
+In ``parallel`` mode a trajectory whose frame is being labelled waits while the others go on;
+in ``serial`` mode the whole loop blocks until the label returns (the paper's serial version).
+A failed label is discarded and its trajectory restarts from its checkpoint geometry: the last
+frame that was labelled successfully (the start structure before that).
+
+The scheduler only sees a ``CommitteeLike`` (forces for a batch, add a frame, train a round) and a
+``LabelSubmitter`` (submit returns a future of a result or a typed failure).
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from ase import Atoms
+
+from aimspax_like.config import ALConfig
+from aimspax_like.data import LabelledFrame
+from aimspax_like.events import EventLog, WallClock
+from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome
+from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
+from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
+
+
+class Status(str, Enum):
+    RUNNING = "running"
+    WAITING = "waiting"
+    TRAINING = "training"
+    DONE = "done"
+
+
+class CommitteeLike(Protocol):
+    def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]: ...
+    def add(self, frame: LabelledFrame) -> None: ...
+    def train_round(self, epochs: int) -> list[Any]: ...
+    def valid_force_mae(self) -> float: ...
+
+
+class LabelSubmitter(Protocol):
+    def submit(
+        self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None = None, seed: int | None = None
+    ) -> Future: ...
+
+
+# Stores a successful label durably and returns the stored frame (split decided by the sink).
+LabelSink = Callable[[Atoms, LabelOutcome, dict[str, Any]], LabelledFrame]
+
+
+@dataclass
+class Trajectory:
+    index: int
+    md: MDState
+    checkpoint: Atoms
+    status: Status = Status.RUNNING
+    epochs_for_point: int = 0
+    labels_done: int = 0
+    labels_failed: int = 0
+
+
+@dataclass
+class ALResult:
+    reason: str
+    md_steps: int
+    labels_done: int
+    labels_failed: int
+    training_rounds: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class ALScheduler:
+    def __init__(
+        self,
+        config: ALConfig,
+        committee: CommitteeLike,
+        executor: LabelSubmitter,
+        sink: LabelSink,
+        events: EventLog,
+        reference_spec: dict,
+        workdir_root: Path,
+        *,
+        train_set_size: Callable[[], int],
+        faults: dict | None = None,
+        clock: WallClock | None = None,
+        seed: int = 0,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.committee = committee
+        self.executor = executor
+        self.sink = sink
+        self.events = events
+        self.reference_spec = reference_spec
+        self.workdir_root = workdir_root
+        self.train_set_size = train_set_size
+        self.faults = faults
+        self.clock = clock or WallClock()
+        self.seed = seed
+        self.on_progress = on_progress
+        self.threshold = MovingAverageThreshold(config.window, config.c_x, config.warmup)
+        self.trajectories: list[Trajectory] = []
+        self._finished: queue.Queue[tuple[int, int, Future]] = queue.Queue()
+        self._in_flight: dict[int, tuple[int, Atoms, dict[str, Any]]] = {}
+        self._next_label = 0
+        self.training_rounds = 0
+        self.max_in_flight = config.max_labels_in_flight or config.num_trajectories
+
+    # ------------------------------------------------------------------ set-up
+
+    def add_trajectory(self, atoms: Atoms) -> Trajectory:
+        index = len(self.trajectories)
+        md_config = self.config.md_for(index)
+        rng = np.random.default_rng([self.seed, index])
+        start = atoms.copy()
+        start.calc = None
+        start.set_momenta(maxwell_boltzmann(start, md_config.temperature_K, rng))
+        trajectory = Trajectory(index, MDState(start, md_config, rng), checkpoint=start.copy())
+        self.trajectories.append(trajectory)
+        return trajectory
+
+    def _set_status(self, trajectory: Trajectory, status: Status) -> None:
+        if trajectory.status != status:
+            self.events.emit(
+                "state", trajectory=trajectory.index, old=trajectory.status.value, new=status.value,
+                step=trajectory.md.step,
+            )
+            trajectory.status = status
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> ALResult:
+        if not self.trajectories:
+            raise ValueError("the scheduler has no trajectories")
+        self.events.emit("al_start", mode=self.config.mode, trajectories=len(self.trajectories))
+        while True:
+            self._take_finished(block=False)
+            reason = self._stop_reason()
+            if reason:
+                break
+            self._train_if_needed()
+            self._step_running()
+            if not self._any(Status.RUNNING, Status.TRAINING) and self._in_flight:
+                with self.clock.measure("waiting"):
+                    self._take_finished(block=True)
+            self._report_progress()
+        self._drain_in_flight()
+        result = ALResult(
+            reason=reason,
+            md_steps=sum(t.md.step for t in self.trajectories),
+            labels_done=sum(t.labels_done for t in self.trajectories),
+            labels_failed=sum(t.labels_failed for t in self.trajectories),
+            training_rounds=self.training_rounds,
+        )
+        self.events.emit("al_stop", **result.__dict__)
+        return result
+
+    def _any(self, *statuses: Status) -> bool:
+        return any(t.status in statuses for t in self.trajectories)
+
+    def _stop_reason(self) -> str:
+        if self.train_set_size() >= self.config.max_train_set_size:
+            return "max_train_set_size"
+        desired = self.config.desired_acc
+        if desired is not None and self.committee.valid_force_mae() < desired:
+            return "desired_acc"
+        for trajectory in self.trajectories:
+            if trajectory.status == Status.RUNNING and trajectory.md.step >= self.config.max_md_steps:
+                self._set_status(trajectory, Status.DONE)
+        if all(t.status == Status.DONE for t in self.trajectories):
+            return "max_md_steps"
+        return ""
+
+    # ------------------------------------------------------------------ sampling
+
+    def _step_running(self) -> None:
+        running = [t for t in self.trajectories if t.status == Status.RUNNING]
+        if not running:
+            return
+        with self.clock.measure("md"):
+            step_batch([t.md for t in running], self.committee.committee_forces)
+        unstable = [t for t in running if not _finite(t.md)]
+        for trajectory in unstable:
+            self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step)
+            self._rewind(trajectory)
+        checked = [t for t in running if t not in unstable and t.md.step % self.config.check_every == 0]
+        if checked:
+            self._check_uncertainty(checked)
+
+    def _check_uncertainty(self, checked: list[Trajectory]) -> None:
+        threshold = self.threshold.value
+        deltas = [max_atomic_uncertainty(t.md.member_forces) for t in checked]
+        for trajectory, delta in zip(checked, deltas, strict=True):
+            self.events.emit(
+                "uncertainty", trajectory=trajectory.index, step=trajectory.md.step,
+                delta=delta, threshold=threshold,
+            )
+            if delta > threshold and len(self._in_flight) < self.max_in_flight:
+                self._submit(trajectory, delta, threshold)
+        self.threshold.update(deltas)
+        if (
+            self.config.freeze_threshold_at is not None
+            and not self.threshold.frozen
+            and self.train_set_size() >= self.config.freeze_threshold_at
+        ):
+            self.threshold.freeze()
+            self.events.emit("threshold_frozen", value=self.threshold.value)
+
+    def _submit(self, trajectory: Trajectory, delta: float, threshold: float) -> None:
+        label_id = self._next_label
+        self._next_label += 1
+        frame = trajectory.md.atoms.copy()
+        frame.calc = None
+        provenance = {
+            "origin": "al", "trajectory": trajectory.index, "md_step": trajectory.md.step,
+            "uncertainty": delta,
+        }
+        workdir = str(self.workdir_root / f"al_{label_id:06d}")
+        future = self.executor.submit(
+            frame, self.reference_spec, workdir, self.faults, seed=self.seed * 1_000_003 + label_id
+        )
+        self._in_flight[label_id] = (trajectory.index, frame, provenance)
+        self.events.emit(
+            "label_submitted", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
+            delta=delta, threshold=threshold, in_flight=len(self._in_flight),
+        )
+        self._set_status(trajectory, Status.WAITING)
+        future.add_done_callback(lambda f, i=trajectory.index, lid=label_id: self._finished.put((i, lid, f)))
+        if self.config.mode == "serial":
+            with self.clock.measure("waiting"):
+                self._take_finished(block=True)
+
+    # ------------------------------------------------------------------ labels back
+
+    def _take_finished(self, block: bool) -> None:
+        """Handle every finished label; with ``block`` wait for at least one first."""
+        try:
+            item = self._finished.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, index: int, label_id: int, future: Future) -> None:
+        trajectory = self.trajectories[index]
+        _, frame, provenance = self._in_flight.pop(label_id)
+        outcome = outcome_of(future)
+        self.clock.add("labelling", outcome.wall_s)
+        if isinstance(outcome, LabelFailure):
+            trajectory.labels_failed += 1
+            self.events.emit(
+                "label_failed", label=label_id, trajectory=index, kind=outcome.kind.value,
+                message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir,
+            )
+            if trajectory.status == Status.WAITING:
+                self._rewind(trajectory)
+            return
+        stored = self.sink(frame, outcome, provenance)
+        trajectory.labels_done += 1
+        self.committee.add(stored)
+        self.events.emit(
+            "label_done", label=label_id, trajectory=index, split=stored.split,
+            wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
+        )
+        trajectory.checkpoint = frame.copy()
+        if trajectory.status == Status.WAITING:
+            trajectory.epochs_for_point = 0
+            self._set_status(trajectory, Status.TRAINING)
+
+    def _drain_in_flight(self) -> None:
+        """At the stop, wait for labels still running and keep them: they cost reference time."""
+        while self._in_flight:
+            with self.clock.measure("waiting"):
+                self._take_finished(block=True)
+
+    def _rewind(self, trajectory: Trajectory) -> None:
+        """Back to the checkpoint geometry with fresh velocities."""
+        state = trajectory.md
+        state.atoms.set_positions(trajectory.checkpoint.get_positions())
+        state.atoms.set_cell(trajectory.checkpoint.get_cell())
+        state.atoms.set_momenta(maxwell_boltzmann(state.atoms, state.md.temperature_K, state.rng))
+        state.invalidate_forces()
+        self.events.emit("rewind", trajectory=trajectory.index, step=state.step)
+        self._set_status(trajectory, Status.RUNNING)
+
+    # ------------------------------------------------------------------ training
+
+    def _train_if_needed(self) -> None:
+        training = [t for t in self.trajectories if t.status == Status.TRAINING]
+        if not training:
+            return
+        epochs = self.config.intermediate_epochs
+        with self.clock.measure("training"):
+            metrics = self.committee.train_round(epochs)
+        self.training_rounds += 1
+        self.events.emit(
+            "training_round", phase="al", epochs=epochs, trajectories=[t.index for t in training],
+            train_size=self.train_set_size(),
+            members=[m.__dict__ if hasattr(m, "__dict__") else m for m in metrics],
+        )
+        for trajectory in self.trajectories:
+            trajectory.md.invalidate_forces()  # sample with the new weights at once
+        for trajectory in training:
+            trajectory.epochs_for_point += epochs
+            if trajectory.epochs_for_point >= self.config.max_epochs_per_point:
+                self._set_status(trajectory, Status.RUNNING)
+
+    # ------------------------------------------------------------------ progress
+
+    def progress(self) -> dict[str, Any]:
+        by_status = {s.value: sum(t.status == s for t in self.trajectories) for s in Status}
+        return {
+            "phase": "al",
+            "steps": sum(t.md.step for t in self.trajectories),
+            "train": self.train_set_size(),
+            "in_flight": len(self._in_flight),
+            "threshold": self.threshold.value,
+            "valid_mae": self.committee.valid_force_mae(),
+            **by_status,
+        }
+
+    def _report_progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.progress())
+
+
+def _finite(state: MDState) -> bool:
+    forces = state.member_forces
+    return bool(np.isfinite(state.atoms.get_positions()).all() and (forces is None or np.isfinite(forces).all()))
+
+
+def outcome_of(future: Future) -> LabelOutcome:
+    """A future that raised (a lost worker, a bug in the task) counts as a crashed label."""
+    try:
+        return future.result()
+    except Exception as exc:  # any task error is data here, not a crash of the campaign
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return LabelFailure(FailureKind.CRASHED, f"{type(exc).__name__}: {first_line}", None, 0.0)

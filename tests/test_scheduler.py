@@ -1,0 +1,228 @@
+"""The AL state machine with real EMT labels and a committee whose disagreement the test controls.
+
+The committee here is a stand-in for the MACE ensemble: its mean forces are EMT's (so the MD is
+physical) and each member adds a fixed, member-specific perturbation scaled by ``spread``. That
+lets a test decide when frames are uncertain; everything else (labels, failures, threads) is real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from aimspax_like.config import ALConfig, MDConfig
+from aimspax_like.data import LabelledFrame
+from aimspax_like.events import EventLog, read_events
+from aimspax_like.execution import ThreadLabelExecutor
+from aimspax_like.scheduler import ALScheduler, Status
+
+EMT_SPEC = {"kind": "emt", "compute_stress": False, "timeout_s": None, "keep_workdir": False}
+
+
+class SpreadCommittee:
+    """EMT forces plus member perturbations whose size is drawn per call (rarely large)."""
+
+    def __init__(self, n_members: int = 3, seed: int = 0) -> None:
+        self.n_members = n_members
+        self.rng = np.random.default_rng(seed)
+        self.frames: list[LabelledFrame] = []
+        self.rounds = 0
+
+    def committee_forces(self, structures):
+        out = []
+        for atoms in structures:
+            probe = atoms.copy()
+            probe.calc = EMT()
+            forces = probe.get_forces()
+            # Mostly confident, now and then (5 %) a frame the members disagree on.
+            spread = 0.5 if self.rng.random() < 0.05 else self.rng.uniform(0.04, 0.06)
+            noise = self.rng.normal(size=(self.n_members, len(atoms), 3)) * spread
+            out.append(forces[None] + noise - noise.mean(axis=0, keepdims=True))
+        return out
+
+    def add(self, frame):
+        self.frames.append(frame)
+
+    def train_round(self, epochs):
+        self.rounds += 1
+        return []
+
+    def valid_force_mae(self):
+        return float("inf")
+
+
+def _cluster(seed: int):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=seed)
+    atoms.pbc = True
+    return atoms
+
+
+_open_logs: list[EventLog] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_logs():
+    yield
+    while _open_logs:
+        _open_logs.pop().close()
+
+
+def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2):
+    events = EventLog(tmp_path / "events.jsonl")
+    _open_logs.append(events)
+    stored: list[LabelledFrame] = []
+
+    def sink(atoms, result, provenance):
+        frame = LabelledFrame.from_atoms(atoms, result.energy, result.forces, split="train", **provenance)
+        stored.append(frame)
+        return frame
+
+    executor = ThreadLabelExecutor(max_workers=workers)
+    scheduler = ALScheduler(
+        config,
+        committee or SpreadCommittee(),
+        executor,
+        sink,
+        events,
+        EMT_SPEC,
+        tmp_path / "labels",
+        train_set_size=lambda: len(stored),
+        faults=faults,
+        seed=1,
+    )
+    return scheduler, executor, events, stored
+
+
+def _states(events_path, trajectory):
+    return [
+        (e["old"], e["new"])
+        for e in read_events(events_path)
+        if e["event"] == "state" and e["trajectory"] == trajectory
+    ]
+
+
+def test_running_waiting_training_running(tmp_path):
+    config = ALConfig(
+        num_trajectories=1,
+        check_every=2,
+        warmup=3,
+        max_train_set_size=2,
+        intermediate_epochs=1,
+        max_epochs_per_point=2,
+        max_md_steps=400,
+        md=MDConfig(temperature_K=300),
+    )
+    scheduler, executor, events, stored = _make(tmp_path, config)
+    scheduler.add_trajectory(_cluster(0))
+    with executor:
+        result = scheduler.run()
+    assert result.reason == "max_train_set_size"
+    assert len(stored) == 2 and result.labels_done == 2
+    transitions = _states(tmp_path / "events.jsonl", 0)
+    # One full cycle per point: two epochs (two rounds of one) before running again.
+    assert transitions[:3] == [("running", "waiting"), ("waiting", "training"), ("training", "running")]
+    assert scheduler.committee.rounds == 2  # first point: 2 rounds; the 2nd point stops the run
+    # The labelled frame carries the EMT label of exactly the geometry that was sent.
+    check = stored[0].to_atoms()
+    check.calc = EMT()
+    np.testing.assert_allclose(check.get_forces(), stored[0].forces, atol=1e-10)
+
+
+def test_failed_label_returns_trajectory_to_checkpoint(tmp_path):
+    config = ALConfig(
+        num_trajectories=1,
+        check_every=1,
+        warmup=2,
+        max_train_set_size=5,
+        max_md_steps=30,
+        md=MDConfig(temperature_K=300),
+    )
+    scheduler, executor, events, stored = _make(tmp_path, config, faults={"scf_failure": 1.0})
+    start = _cluster(1)
+    trajectory = scheduler.add_trajectory(start)
+    with executor:
+        result = scheduler.run()
+    assert result.labels_done == 0 and result.labels_failed >= 1 and not stored
+    log = read_events(tmp_path / "events.jsonl")
+    failed = [e for e in log if e["event"] == "label_failed"]
+    assert failed and all(e["kind"] == "scf_not_converged" for e in failed)
+    rewinds = [e for e in log if e["event"] == "rewind"]
+    assert len(rewinds) == len(failed)
+    # The checkpoint geometry is still the start structure (no label ever succeeded) ...
+    np.testing.assert_allclose(trajectory.checkpoint.get_positions(), start.get_positions())
+    # ... and after each failure the trajectory went back to it: the step of the failure's
+    # rewind is followed by the checkpoint positions (verified by a fresh rewind here).
+    trajectory.md.atoms.positions += 0.3
+    scheduler._rewind(trajectory)
+    np.testing.assert_allclose(trajectory.md.atoms.get_positions(), start.get_positions())
+    assert trajectory.status == Status.RUNNING
+
+
+def test_checkpoint_is_last_successful_label(tmp_path):
+    config = ALConfig(
+        num_trajectories=1,
+        check_every=1,
+        warmup=2,
+        max_train_set_size=1,
+        max_md_steps=200,
+        md=MDConfig(temperature_K=300),
+    )
+    scheduler, executor, _, stored = _make(tmp_path, config)
+    trajectory = scheduler.add_trajectory(_cluster(2))
+    with executor:
+        scheduler.run()
+    np.testing.assert_allclose(trajectory.checkpoint.get_positions(), stored[0].positions)
+
+
+def _steps_during_labels(events_path):
+    """MD steps taken by other trajectories while each label was in flight."""
+    log = read_events(events_path)
+    in_flight: dict[int, int] = {}
+    overlaps = []
+    for e in log:
+        if e["event"] == "label_submitted":
+            in_flight[e["label"]] = 0
+        elif e["event"] == "uncertainty":
+            for label in in_flight:
+                in_flight[label] += 1
+        elif e["event"] in ("label_done", "label_failed"):
+            overlaps.append(in_flight.pop(e["label"]))
+    return overlaps
+
+
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_parallel_mode_keeps_other_trajectories_running(tmp_path, mode):
+    config = ALConfig(
+        num_trajectories=3,
+        mode=mode,
+        check_every=1,
+        warmup=3,
+        c_x=1.0,
+        max_train_set_size=4,
+        max_md_steps=400,
+        md=MDConfig(temperature_K=300),
+    )
+    scheduler, executor, _, stored = _make(tmp_path, config, faults={"delay_s": 0.4})
+    for seed in range(3):
+        scheduler.add_trajectory(_cluster(seed))
+    with executor:
+        scheduler.run()
+    overlaps = _steps_during_labels(tmp_path / "events.jsonl")
+    assert overlaps
+    if mode == "serial":
+        assert max(overlaps) == 0
+    else:
+        assert max(overlaps) > 5
+
+
+def test_per_trajectory_temperatures_are_used(tmp_path):
+    config = ALConfig(
+        num_trajectories=2, max_md_steps=1, md=[MDConfig(temperature_K=100), MDConfig(temperature_K=900)]
+    )
+    scheduler, _, _, _ = _make(tmp_path, config)
+    cold, hot = (scheduler.add_trajectory(_cluster(s)) for s in (0, 1))
+    assert cold.md.md.temperature_K == 100 and hot.md.md.temperature_K == 900
+    assert hot.md.temperature() > 3 * cold.md.temperature()
