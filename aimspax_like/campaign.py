@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,13 @@ def run_campaign(
     phases: Sequence[str] = PHASES,
     overwrite: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    executor: Any = None,
 ) -> dict[str, Any]:
-    """Run the given consecutive phases; returns the summary (also written to report/)."""
+    """Run the given consecutive phases; returns the summary (also written to report/).
+
+    ``executor`` lends an already started label executor (a test session shares one); by
+    default the campaign starts its own from ``cluster`` and stops it at the end.
+    """
     from aimspax_like.analysis.summary import build_summary, write_summary
     from aimspax_like.execution import make_label_executor
 
@@ -95,12 +101,14 @@ def run_campaign(
     paths = _prepare_directory(config, phases, overwrite)
     events = EventLog(paths.events)
     store = DatasetStore.open(paths.dataset)
-    executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
+    owned = executor is None
+    if owned:
+        executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
     ctx = RunContext(config, paths, store, events, executor, structures, on_progress=on_progress)
     events.emit("campaign_start", phases=list(phases), directory=str(paths.root))
     results: dict[str, Any] = {}
     try:
-        with executor:
+        with executor if owned else nullcontext():
             committee = None
             for phase in phases:
                 committee = _run_phase(ctx, phase, committee, results)
@@ -109,14 +117,18 @@ def run_campaign(
                 from aimspax_like.converge import run_test_set
 
                 results["test"] = run_test_set(ctx, committee, results["converge"]["best_member"])
+            if committee is not None:
+                results["final_valid"] = [
+                    committee.trainer.evaluate(k, committee.valid)["force_mae"] for k in range(committee.n_members)
+                ]
+        summary = build_summary(ctx, results)
+        write_summary(paths.report, summary)
+        return summary
     finally:
         if config.output.export_xyz:
             _export(ctx)
         events.emit("campaign_end", wall_s=ctx.clock.elapsed)
-    summary = build_summary(ctx, results)
-    write_summary(paths.report, summary)
-    events.close()
-    return summary
+        events.close()
 
 
 def _run_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, Any]) -> Any:

@@ -35,7 +35,7 @@ def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
                 member, train, valid, patience=config.patience, max_epochs=config.max_epochs, on_epoch=on_epoch,
             )
         results[member] = metrics
-        ctx.events.emit("converged", member=member, **metrics.__dict__)
+        ctx.events.emit("converged", **metrics.__dict__)
     if config.members == "all":
         best = min(results, key=lambda k: results[k].valid_loss)
     committee.save(ctx.paths.models)

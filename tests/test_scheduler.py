@@ -115,7 +115,7 @@ def test_running_waiting_training_running(tmp_path):
         max_md_steps=400,
         md=MDConfig(temperature_K=300),
     )
-    scheduler, executor, events, stored = _make(tmp_path, config)
+    scheduler, executor, _, stored = _make(tmp_path, config)
     scheduler.add_trajectory(_cluster(0))
     with executor:
         result = scheduler.run()
@@ -140,7 +140,7 @@ def test_failed_label_returns_trajectory_to_checkpoint(tmp_path):
         max_md_steps=30,
         md=MDConfig(temperature_K=300),
     )
-    scheduler, executor, events, stored = _make(tmp_path, config, faults={"scf_failure": 1.0})
+    scheduler, executor, _, stored = _make(tmp_path, config, faults={"scf_failure": 1.0})
     start = _cluster(1)
     trajectory = scheduler.add_trajectory(start)
     with executor:
@@ -205,7 +205,7 @@ def test_parallel_mode_keeps_other_trajectories_running(tmp_path, mode):
         max_md_steps=400,
         md=MDConfig(temperature_K=300),
     )
-    scheduler, executor, _, stored = _make(tmp_path, config, faults={"delay_s": 0.4})
+    scheduler, executor, _, _ = _make(tmp_path, config, faults={"delay_s": 0.4})
     for seed in range(3):
         scheduler.add_trajectory(_cluster(seed))
     with executor:

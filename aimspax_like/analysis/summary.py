@@ -63,7 +63,8 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"valid F MAE (meV/A)  {maes}" + (f"   best: m{best}" if best is not None else ""))
     test = summary.get("test")
     if test and test.get("errors"):
-        err = test["errors"][test["member"]] if test["member"] in test["errors"] else test["errors"][str(test["member"])]
+        errors = {int(k): v for k, v in test["errors"].items()}  # JSON round trips make keys strings
+        err = errors[int(test["member"])]
         lines.append(f"test set   {test['size']} frames: final model F MAE {err['force_mae'] * 1000:.1f} meV/A, "
                      f"E MAE {err['energy_mae_per_atom'] * 1000:.2f} meV/atom")
     lines.append(

@@ -1,7 +1,8 @@
 """Round-robin MD over the start structures with one ASE calculator (IDG and test-set sampling).
 
 Initial dataset generation drives MD either with the reference itself or with a foundation
-model; both are ASE calculators, so ASE's own integrators run them. Every ``stride`` steps a
+model; both are ASE calculators. They run on the same BAOAB integrator as the active-learning
+trajectories (``sampling.dynamics``), so every phase samples the same ensemble. Every ``stride`` steps a
 frame is handed out (with the calculator's energy and forces at that point). A step that raises
 (an SCF that does not converge during reference MD) rewinds that structure's MD to its last
 handed-out frame with fresh velocities instead of ending the phase.
@@ -13,13 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.calculators.calculator import Calculator
-from ase.md.langevin import Langevin
-from ase.md.verlet import VelocityVerlet
 
 from aimspax_like.config import MDConfig
-from aimspax_like.sampling.dynamics import maxwell_boltzmann
+from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
 
 
 @dataclass
@@ -49,26 +48,16 @@ class StridedSampler:
         self.on_failure = on_failure
         self.max_failures = max_failures
         self.rng = np.random.default_rng(seed)
-        self.atoms: list[Atoms] = []
+        self.states: list[MDState] = []
         self.last_good: list[Atoms] = []
         self.steps = [0] * len(structures)
         for structure in structures:
             atoms = structure.copy()
             atoms.calc = make_calculator()
             atoms.set_momenta(maxwell_boltzmann(atoms, md.temperature_K, self.rng))
-            self.atoms.append(atoms)
+            self.states.append(MDState(atoms, md, self.rng))
             self.last_good.append(atoms.copy())
-        self.dynamics = [self._dynamics(a) for a in self.atoms]
         self._next = 0
-
-    def _dynamics(self, atoms: Atoms):
-        dt = self.md.timestep_fs * units.fs
-        if self.md.ensemble == "nve":
-            return VelocityVerlet(atoms, timestep=dt)
-        return Langevin(
-            atoms, timestep=dt, temperature_K=self.md.temperature_K,
-            friction=self.md.friction_per_fs / units.fs, fixcm=True, rng=self.rng,
-        )
 
     @property
     def total_steps(self) -> int:
@@ -76,11 +65,13 @@ class StridedSampler:
 
     def next_frame(self) -> SampledFrame:
         index = self._next
-        self._next = (self._next + 1) % len(self.atoms)
-        atoms, failures = self.atoms[index], 0
+        self._next = (self._next + 1) % len(self.states)
+        state, failures = self.states[index], 0
+        atoms = state.atoms
         while True:
             try:
-                self.dynamics[index].run(self.stride)
+                for _ in range(self.stride):
+                    step_batch([state], _calculator_forces)
                 energy = float(atoms.get_potential_energy())
                 forces = np.array(atoms.get_forces())
                 if not (np.isfinite(energy) and np.isfinite(forces).all()):
@@ -100,6 +91,12 @@ class StridedSampler:
         return SampledFrame(frame, energy, forces, index, self.steps[index])
 
     def _rewind(self, index: int) -> None:
-        atoms = self.atoms[index]
-        atoms.set_positions(self.last_good[index].get_positions())
-        atoms.set_momenta(maxwell_boltzmann(atoms, self.md.temperature_K, self.rng))
+        state = self.states[index]
+        state.atoms.set_positions(self.last_good[index].get_positions())
+        state.atoms.set_momenta(maxwell_boltzmann(state.atoms, self.md.temperature_K, self.rng))
+        state.invalidate_forces()
+
+
+def _calculator_forces(structures: list[Atoms]) -> list[np.ndarray]:
+    """Forces of the structures' own calculators, as a one-member committee."""
+    return [np.asarray(atoms.get_forces())[None] for atoms in structures]

@@ -84,6 +84,8 @@ def _ornstein_uhlenbeck(state: MDState, dt: float) -> None:
     kT = units.kB * state.md.temperature_K
     noise = state.rng.normal(size=(len(state.atoms), 3))
     momenta = c1 * state.atoms.get_momenta() + c2 * np.sqrt(state.masses * kT) * noise
+    if len(state.atoms) > 1:  # keep the centre of mass at rest (as ASE's fixcm), 3N - 3 dof
+        momenta -= state.masses * (momenta.sum(axis=0) / state.masses.sum())
     state.atoms.set_momenta(momenta)
 
 

@@ -1,0 +1,378 @@
+"""Continual training of the committee: every member keeps its weights, optimiser and EMA.
+
+Active learning trains in many short rounds (a few epochs after each batch of new labels), so
+nothing here is ever re-initialised between rounds: weights, AMSGrad moments, the EMA shadow,
+the shuffling generator and the patience counters all carry over, and ``state_dict`` captures
+all of them for checkpoint/resume.
+
+Loss. Training uses mace's own ``WeightedEnergyForcesLoss``:
+``w_E * mean_graphs(((E_pred - E_ref) / n_atoms)^2) + w_F * mean_components((F_pred - F_ref)^2)``
+(per-frame ``config_weight`` and missing labels handled as mace does). Validation reports the
+same expression over the whole set (not averaged per batch), plus force MAE (eV/A, over
+components, as mace's ``mae_f``) and energy MAE per atom (eV/atom).
+
+EMA. The live weights of ``ensemble.members[k]`` are the EMA-averaged weights whenever the
+trainer is not inside one of its methods, so ``ensemble.predict``, ``ensemble.save`` and
+``evaluate`` all see the smoothed model. The raw (optimised) weights are kept aside and swapped
+back in only for optimisation steps. The trainer is not thread-safe: call ``predict`` between
+trainer calls, not during them.
+
+Patience. An improvement must lower the validation loss by a relative ``min_rel_improvement``
+(default 1e-6): below that a "better" loss is round-off, and counting it would keep a stalled
+member from ever getting its optimiser reset.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
+import torch
+from ase import Atoms
+from mace.modules import WeightedEnergyForcesLoss
+from torch_ema import ExponentialMovingAverage
+
+from aimspax_like.config import TrainingConfig
+from aimspax_like.models.ensemble import MACEEnsemble
+from aimspax_like.models.graphs import loader
+
+FrameSplit = tuple[Sequence[Atoms], Sequence[Atoms]]
+
+
+@dataclass
+class MemberMetrics:
+    """One member after a training round (or convergence run), on its validation frames."""
+
+    member: int
+    epoch: int  # epochs trained so far by this member, all rounds together
+    train_loss: float  # graph-weighted mean batch loss of the last epoch (raw weights)
+    valid_loss: float
+    valid_force_mae: float  # eV/A
+    valid_energy_mae_per_atom: float  # eV/atom
+    improved: bool
+    optimizer_reset: bool
+
+
+@dataclass
+class _MemberState:
+    optimizer: torch.optim.Optimizer
+    ema: ExponentialMovingAverage | None
+    generator: torch.Generator
+    raw: list[torch.Tensor] | None = None  # raw weights while the live model holds EMA weights
+    best_loss: float = math.inf
+    since_best: int = 0  # epochs trained since the last improvement
+    epochs: int = 0
+    last: MemberMetrics | None = None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """mace_run_train's grouping: L2 decay only on interaction linears and products.
+
+    Any parameter outside the named blocks lands in a final no-decay group, so nothing is left
+    untrained if a mace version adds one.
+    """
+    decay, no_decay = [], []
+    for name, p in model.interactions.named_parameters():
+        (decay if "linear.weight" in name or "skip_tp_full.weight" in name else no_decay).append(p)
+    groups = [
+        {"name": "embedding", "params": list(model.node_embedding.parameters()), "weight_decay": 0.0},
+        {"name": "interactions_decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "interactions_no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "products", "params": list(model.products.parameters()), "weight_decay": weight_decay},
+        {"name": "readouts", "params": list(model.readouts.parameters()), "weight_decay": 0.0},
+    ]
+    seen = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    groups.append({"name": "other", "params": rest, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+class EnsembleTrainer:
+    """Trains each member of a ``MACEEnsemble`` on its own train/valid frames."""
+
+    def __init__(
+        self,
+        ensemble: MACEEnsemble,
+        training_cfg: TrainingConfig,
+        reset_after: int | None,
+        min_rel_improvement: float = 1e-6,
+    ) -> None:
+        self.ensemble = ensemble
+        self.cfg = training_cfg
+        self.reset_after = reset_after if reset_after and reset_after > 0 else None
+        self.min_rel_improvement = float(min_rel_improvement)
+        self.loss_fn = WeightedEnergyForcesLoss(training_cfg.energy_weight, training_cfg.forces_weight)
+        self.loss_fn.to(device=ensemble.device, dtype=ensemble.dtype)
+        self._states = [self._new_state(k) for k in range(len(ensemble))]
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def last_metrics(self) -> list[MemberMetrics | None]:
+        return [st.last for st in self._states]
+
+    def train_round(self, member_data: Sequence[FrameSplit], epochs: int) -> list[MemberMetrics]:
+        """``epochs`` epochs per member on its train frames, then one validation.
+
+        ``member_data[k] = (train, valid)``. A member whose valid list is empty is validated on
+        its train frames (early IDG rounds can leave a member without validation points).
+        After the validation, a member that has not improved for ``reset_after`` epochs gets a
+        fresh optimiser (weights kept) and ``optimizer_reset=True``.
+        """
+        if len(member_data) != len(self._states):
+            raise ValueError(f"{len(member_data)} data splits for {len(self._states)} members")
+        if epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        return [self._round(k, train, valid, epochs) for k, (train, valid) in enumerate(member_data)]
+
+    def train_to_convergence(
+        self,
+        member: int,
+        train: Sequence[Atoms],
+        valid: Sequence[Atoms],
+        patience: int,
+        max_epochs: int,
+        on_epoch: Callable[[MemberMetrics], bool | None] | None = None,
+    ) -> MemberMetrics:
+        """Train epoch by epoch until ``patience`` epochs pass without improvement, keep the best.
+
+        The model as it stands on entry is the first candidate, so convergence never returns a
+        worse model than it was given. Restoring the best epoch restores all of it (raw and EMA
+        weights, EMA shadow and optimiser moments), so later training continues from a
+        consistent state rather than with moments accumulated by the discarded epochs. ``on_epoch`` sees every epoch's metrics; returning True
+        stops early (the best weights are still restored). The result is the best epoch's
+        metrics with ``epoch`` set to the total epochs trained and ``improved`` telling whether
+        it beat the member's best before the call.
+        """
+        st = self._states[member]
+        train_g, valid_g = self._graphs(train, valid)
+        self._use_ema(member)
+        start = self._errors(member, valid_g)
+        best_loss, since, snapshot = start["loss"], 0, self._snapshot(member)
+        best = self._metrics(member, math.nan, start, improved=False, reset=False)
+        for _ in range(max_epochs):
+            train_loss = self._epoch(member, train_g)
+            errors = self._errors(member, valid_g)
+            improved = self._better(errors["loss"], best_loss)
+            metrics = self._metrics(member, train_loss, errors, improved, reset=False)
+            if improved:
+                best_loss, since, snapshot, best = errors["loss"], 0, self._snapshot(member), metrics
+            else:
+                since += 1
+            if (on_epoch is not None and on_epoch(metrics)) or since >= patience:
+                break
+        self._restore(member, snapshot)
+        result = replace(best, epoch=st.epochs, improved=self._better(best_loss, st.best_loss))
+        st.best_loss, st.since_best, st.last = min(best_loss, st.best_loss), 0, result
+        return result
+
+    def best_member(self) -> int:
+        """Index of the member with the lowest latest validation loss (0 if none validated)."""
+        losses = [st.last.valid_loss if st.last else math.inf for st in self._states]
+        return min(range(len(losses)), key=losses.__getitem__)
+
+    def evaluate(self, member: int, frames: Sequence[Atoms]) -> dict[str, float]:
+        """Loss, force MAE/RMSE (eV/A) and energy MAE per atom (eV/atom) with the live weights."""
+        if not frames:
+            raise ValueError("evaluate needs at least one frame")
+        self._use_ema(member)
+        return self._errors(member, self.ensemble.graphs.graphs(frames))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimisers, EMAs, RNGs, counters."""
+        members = []
+        for k, st in enumerate(self._states):
+            members.append({
+                "model": self.ensemble.members[k].state_dict(),
+                "optimizer": st.optimizer.state_dict(),
+                "ema": st.ema.state_dict() if st.ema is not None else None,
+                "generator": st.generator.get_state(),
+                "raw": st.raw,
+                "best_loss": st.best_loss,
+                "since_best": st.since_best,
+                "epochs": st.epochs,
+                "last": asdict(st.last) if st.last is not None else None,
+            })
+        return copy.deepcopy({"version": 1, "members": members})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict`` (also loads the member weights into the ensemble)."""
+        members = copy.deepcopy(state["members"])  # the caller's dict must stay untouched
+        if len(members) != len(self._states):
+            raise ValueError(f"state has {len(members)} members, ensemble has {len(self._states)}")
+        for k, (st, saved) in enumerate(zip(self._states, members, strict=True)):
+            self.ensemble.members[k].load_state_dict(saved["model"])
+            st.optimizer.load_state_dict(saved["optimizer"])
+            if st.ema is not None and saved["ema"] is not None:
+                st.ema.load_state_dict(saved["ema"])
+            st.generator.set_state(saved["generator"])
+            st.raw = _to_params_like(saved["raw"], self._params(k))
+            st.best_loss, st.since_best, st.epochs = saved["best_loss"], saved["since_best"], saved["epochs"]
+            st.last = MemberMetrics(**saved["last"]) if saved["last"] is not None else None
+
+    # ------------------------------------------------------------------ one member's round
+
+    def _round(self, k: int, train: Sequence[Atoms], valid: Sequence[Atoms], epochs: int) -> MemberMetrics:
+        st = self._states[k]
+        train_g, valid_g = self._graphs(train, valid)
+        train_loss = math.nan
+        for _ in range(epochs):
+            train_loss = self._epoch(k, train_g)
+        errors = self._errors(k, valid_g)
+        improved = self._better(errors["loss"], st.best_loss)
+        if improved:
+            st.best_loss, st.since_best = errors["loss"], 0
+        else:
+            st.since_best += epochs
+        reset = not improved and self.reset_after is not None and st.since_best >= self.reset_after
+        if reset:
+            st.optimizer, st.since_best = self._new_optimizer(k), 0
+        st.last = self._metrics(k, train_loss, errors, improved, reset)
+        return st.last
+
+    def _graphs(self, train: Sequence[Atoms], valid: Sequence[Atoms]) -> tuple[list, list]:
+        if not train:
+            raise ValueError("a member needs at least one training frame")
+        train_g = self.ensemble.graphs.graphs(train)
+        return train_g, (self.ensemble.graphs.graphs(valid) if valid else train_g)
+
+    def _epoch(self, k: int, graphs: list) -> float:
+        """One shuffled pass with the raw weights; leaves the EMA weights live afterwards."""
+        st, model = self._states[k], self.ensemble.members[k]
+        params = self._params(k)
+        self._use_raw(k)
+        total, count = 0.0, 0
+        for batch in loader(graphs, self.cfg.batch_size, shuffle=True, generator=st.generator):
+            batch = batch.to(self.ensemble.device)
+            st.optimizer.zero_grad(set_to_none=True)
+            out = model(batch.to_dict(), training=True, compute_force=True)
+            loss = self.loss_fn(batch, out, ddp=False)
+            loss.backward()
+            if self.cfg.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm=self.cfg.clip_grad)
+            st.optimizer.step()
+            if st.ema is not None:
+                st.ema.update(params)
+            total += float(loss.detach()) * batch.num_graphs
+            count += batch.num_graphs
+        st.epochs += 1
+        self._use_ema(k)
+        return total / count
+
+    def _errors(self, k: int, graphs: list) -> dict[str, float]:
+        """Whole-set loss and MAEs; frames lacking a label (weight 0) drop out of its terms."""
+        model = self.ensemble.members[k]
+        e_sq = e_abs = e_n = f_sq = f_abs = f_n = 0.0
+        for batch in loader(graphs, self.cfg.valid_batch_size):
+            batch = batch.to(self.ensemble.device)
+            out = model(batch.to_dict(), training=False, compute_force=True)
+            n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
+            e_w = batch.weight * batch.energy_weight
+            e_err = (out["energy"].detach() - batch.energy) / n_atoms
+            f_w = (batch.weight * batch.forces_weight)[batch.batch].unsqueeze(-1)
+            f_err = out["forces"].detach() - batch.forces
+            e_sq += float((e_w * e_err**2).sum())
+            e_abs += float((e_w * e_err.abs()).sum())
+            e_n += float((e_w > 0).sum())
+            f_sq += float((f_w * f_err**2).sum())
+            f_abs += float((f_w * f_err.abs()).sum())
+            f_n += float((f_w > 0).sum()) * 3
+        e_mse, f_mse = _ratio(e_sq, e_n), _ratio(f_sq, f_n)
+        loss = self.cfg.energy_weight * _or_zero(e_mse) + self.cfg.forces_weight * _or_zero(f_mse)
+        return {
+            "loss": loss,
+            "force_mae": _ratio(f_abs, f_n),
+            "force_rmse": math.sqrt(f_mse),
+            "energy_mae_per_atom": _ratio(e_abs, e_n),
+            "n_frames": float(len(graphs)),
+        }
+
+    def _metrics(self, k: int, train_loss: float, errors: dict, improved: bool, reset: bool) -> MemberMetrics:
+        return MemberMetrics(
+            member=k,
+            epoch=self._states[k].epochs,
+            train_loss=float(train_loss),
+            valid_loss=errors["loss"],
+            valid_force_mae=errors["force_mae"],
+            valid_energy_mae_per_atom=errors["energy_mae_per_atom"],
+            improved=improved,
+            optimizer_reset=reset,
+        )
+
+    def _better(self, loss: float, best: float) -> bool:
+        return math.isinf(best) or loss < best * (1.0 - self.min_rel_improvement)
+
+    # ------------------------------------------------------------------ weights, EMA, optimiser
+
+    def _params(self, k: int) -> list[torch.nn.Parameter]:
+        return list(self.ensemble.members[k].parameters())
+
+    def _new_state(self, k: int) -> _MemberState:
+        generator = torch.Generator()
+        generator.manual_seed(int(self.ensemble.seeds[k]))
+        ema = None
+        if self.cfg.ema_decay is not None:
+            ema = ExponentialMovingAverage(self._params(k), decay=self.cfg.ema_decay)
+        return _MemberState(optimizer=self._new_optimizer(k), ema=ema, generator=generator)
+
+    def _new_optimizer(self, k: int) -> torch.optim.Optimizer:
+        groups = param_groups(self.ensemble.members[k], self.cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=self.cfg.lr, amsgrad=self.cfg.amsgrad)
+
+    def _use_raw(self, k: int) -> None:
+        """Put the optimised weights back into the live model (before optimisation steps)."""
+        st = self._states[k]
+        if st.raw is None:
+            return
+        with torch.no_grad():
+            for p, raw in zip(self._params(k), st.raw, strict=True):
+                p.copy_(raw)
+        st.raw = None
+
+    def _use_ema(self, k: int) -> None:
+        """Park the raw weights and make the EMA weights live (for evaluation and prediction)."""
+        st = self._states[k]
+        if st.ema is None or st.raw is not None:
+            return
+        params = self._params(k)
+        st.raw = [p.detach().clone() for p in params]
+        st.ema.copy_to(params)
+
+    def _snapshot(self, k: int) -> dict[str, Any]:
+        st = self._states[k]
+        return {
+            "live": [p.detach().clone() for p in self._params(k)],
+            "raw": [r.clone() for r in st.raw] if st.raw is not None else None,
+            "ema": copy.deepcopy(st.ema.state_dict()) if st.ema is not None else None,
+            "optimizer": copy.deepcopy(st.optimizer.state_dict()),
+        }
+
+    def _restore(self, k: int, snapshot: dict[str, Any]) -> None:
+        st = self._states[k]
+        with torch.no_grad():
+            for p, live in zip(self._params(k), snapshot["live"], strict=True):
+                p.copy_(live)
+        st.raw = snapshot["raw"]
+        if st.ema is not None:
+            st.ema.load_state_dict(snapshot["ema"])
+        st.optimizer.load_state_dict(snapshot["optimizer"])
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _or_zero(value: float) -> float:
+    """A loss term without any labelled data contributes nothing (its MAE stays NaN)."""
+    return 0.0 if math.isnan(value) else value
+
+
+def _to_params_like(tensors: list[torch.Tensor] | None, params: list[torch.nn.Parameter]) -> list | None:
+    """Saved raw weights onto the live parameters' device and dtype (a resume may move both)."""
+    if tensors is None:
+        return None
+    return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, params, strict=True)]

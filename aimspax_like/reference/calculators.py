@@ -1,0 +1,153 @@
+"""Turn the reference section of the config into an ASE calculator, and check it up front.
+
+``spec`` is ``config.reference.model_dump(mode="json")``: a plain dict, because it is shipped
+to remote label workers that should not need pydantic models. Heavy backends (tblite, PySCF,
+FHI-aims' ASE glue) are imported only when their kind is asked for, so a worker that labels
+with EMT never pays for them.
+
+``check_reference_setup`` runs once before a campaign starts: an unsupported element or a
+missing executable should stop the run with a one-line ``ConfigError`` instead of turning
+every label into a crash hours later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ase.calculators.calculator import BaseCalculator
+from ase.data import chemical_symbols
+
+from aimspax_like.errors import ConfigError, SetupError
+
+_XTB_ELEMENTS = frozenset(range(1, 87))  # GFN1/GFN2-xTB are parametrised for H..Rn
+
+
+def make_calculator(spec: dict[str, Any], workdir: str | Path) -> BaseCalculator:
+    """A fresh ASE calculator for one label; file-based codes write into ``workdir``.
+
+    Typed as ``BaseCalculator`` because ASE's ``Aims`` is a file-IO calculator that does not
+    derive from ``Calculator``; every other kind returns a ``Calculator``.
+    """
+    kind = spec["kind"]
+    if kind == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if kind == "lj":
+        from ase.calculators.lj import LennardJones
+
+        return LennardJones(
+            sigma=spec.get("sigma", 1.0),
+            epsilon=spec.get("epsilon", 1.0),
+            rc=spec.get("rc"),
+            smooth=spec.get("smooth", True),
+        )
+    if kind == "xtb":
+        from tblite.ase import TBLite
+
+        return TBLite(
+            method=spec.get("method", "GFN2-xTB"),
+            accuracy=spec.get("accuracy", 1.0),
+            electronic_temperature=spec.get("electronic_temperature", 300.0),
+            max_iterations=spec.get("max_iterations", 250),
+            charge=spec.get("charge", 0),
+            multiplicity=spec.get("multiplicity", 1),
+            verbosity=0,
+        )
+    if kind == "pyscf":
+        from aimspax_like.reference.pyscf_calc import PySCFCalculator
+
+        keys = ("xc", "basis", "charge", "spin", "max_cycle", "conv_tol")
+        return PySCFCalculator(directory=str(workdir), **{k: spec[k] for k in keys if k in spec})
+    if kind == "aims":
+        from aimspax_like.reference.aims import make_aims_calculator
+
+        return make_aims_calculator(spec, workdir)
+    if kind == "import":
+        return _imported_calculator(spec)
+    raise SetupError(f"unknown reference kind {kind!r}")
+
+
+def supported_elements(spec: dict[str, Any]) -> frozenset[int] | None:
+    """Atomic numbers the reference can label; None when it has no fixed element list."""
+    kind = spec["kind"]
+    if kind == "emt":
+        from ase.calculators.emt import parameters
+
+        return frozenset(chemical_symbols.index(symbol) for symbol in parameters)
+    if kind == "xtb":
+        return _XTB_ELEMENTS
+    return None
+
+
+def check_reference_setup(spec: dict[str, Any], numbers: set[int]) -> None:
+    """Raise ``ConfigError`` naming the config key to fix when this reference cannot run."""
+    kind = spec["kind"]
+    allowed = supported_elements(spec)
+    if allowed is not None:
+        bad = sorted(set(numbers) - allowed)
+        if bad:
+            names = ", ".join(chemical_symbols[z] for z in bad)
+            raise ConfigError("reference.kind", f"{_describe(spec)} cannot label {names}")
+    for package, needed_by in (("tblite", "xtb"), ("pyscf", "pyscf")):
+        if kind == needed_by and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                "reference.kind", f"kind {kind!r} needs the {package!r} package, which is not installed"
+            )
+    if kind == "aims":
+        _check_aims(spec, numbers)
+    if kind == "import":
+        try:
+            _resolve(spec["path"])
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError("reference.path", f"cannot import {spec['path']!r} ({exc})") from None
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if spec["kind"] == "xtb":
+        return str(spec.get("method", "GFN2-xTB"))
+    return str(spec["kind"]).upper()
+
+
+def _check_aims(spec: dict[str, Any], numbers: set[int]) -> None:
+    from aimspax_like.reference.aims import missing_programs, missing_species_files
+
+    command = spec.get("command") or "aims.x"
+    try:
+        missing = missing_programs(command)
+    except ValueError as exc:
+        raise ConfigError("reference.command", f"cannot parse {command!r}: {exc}") from None
+    if missing:
+        raise ConfigError("reference.command", f"{', '.join(missing)} not found (command {command!r})")
+    species_dir = spec.get("species_dir")
+    if not species_dir:
+        raise ConfigError("reference.species_dir", "FHI-aims needs the species_defaults folder to use")
+    if not Path(species_dir).is_dir():
+        raise ConfigError("reference.species_dir", f"{species_dir} is not a folder")
+    absent = missing_species_files(species_dir, set(numbers))
+    if absent:
+        raise ConfigError("reference.species_dir", f"{species_dir} lacks {', '.join(absent)}")
+
+
+def _resolve(path: str) -> Any:
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError("expected 'package.module:Name'")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _imported_calculator(spec: dict[str, Any]) -> BaseCalculator:
+    """Call the configured class or factory; anything but an ASE calculator is a setup error."""
+    try:
+        factory = _resolve(spec["path"])
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SetupError(f"reference.path: cannot import {spec['path']!r} ({exc})") from None
+    calc = factory(**(spec.get("kwargs") or {}))
+    if not isinstance(calc, BaseCalculator):
+        raise SetupError(
+            f"reference.path: {spec['path']!r} returned {type(calc).__name__}, not an ASE calculator"
+        )
+    return calc

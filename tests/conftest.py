@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+Fixtures that start processes are session-scoped: starting Parsl workers costs several
+seconds, so the whole test session shares one pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from ase import Atoms
+
+from aimspax_like.config import LocalCluster
+from aimspax_like.execution import ParslLabelExecutor
+
+
+@pytest.fixture(scope="session")
+def parsl_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ParslLabelExecutor]:
+    """One started two-worker Parsl label executor for the whole session, workers warm.
+
+    Each worker's first label pays for importing the label code (~0.5 s), so one slow-ish label
+    per worker runs here; timing tests then measure labels, not imports, in any order.
+    """
+    run_dir = tmp_path_factory.mktemp("parsl_run")
+    with ParslLabelExecutor(LocalCluster(max_workers=2), run_dir) as executor:
+        assert executor.wait_ready(timeout=60), "no Parsl worker became ready within 60 s"
+        dimer = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
+        warm_up = [
+            executor.submit(dimer, {"kind": "emt"}, str(run_dir / f"warm{i}"), faults={"delay_s": 0.3})
+            for i in range(executor.n_workers)
+        ]
+        for future in warm_up:
+            future.result(timeout=60)
+        yield executor

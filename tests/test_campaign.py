@@ -1,0 +1,110 @@
+"""An end-to-end campaign on a tiny system: real MACE, real Parsl workers, real EMT labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.io import read, write
+
+from aimspax_like.campaign import run_campaign
+from aimspax_like.config import config_from_dict
+from aimspax_like.data import DatasetStore
+from aimspax_like.events import read_events
+
+
+def _cluster() -> Atoms:
+    positions = [[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0, 0, 2.5], [2.5, 2.5, 0], [1.3, 1.3, 2.0]]
+    return Atoms("Cu4Au2", positions=positions)
+
+
+def tiny_config(tmp_path, **overrides) -> dict:
+    write(tmp_path / "cluster.xyz", _cluster())
+    config = {
+        "system": {"structures": str(tmp_path / "cluster.xyz")},
+        "reference": {"kind": "emt"},
+        "model": {"ensemble_size": 2, "channels": 8, "max_L": 0, "r_max": 4.5, "num_interactions": 1,
+                  "correlation": 2, "radial_mlp": [8], "num_radial_basis": 6, "dtype": "float64",
+                  "device": "cpu"},
+        "training": {"batch_size": 4},
+        "idg": {"stride": 5, "points_per_member": 3, "intermediate_epochs": 3, "max_epochs": 6,
+                "max_set_size": 40, "md": {"temperature_K": 400}},
+        "al": {"num_trajectories": 3, "check_every": 2, "warmup": 4, "max_train_set_size": 18,
+               "max_md_steps": 300, "intermediate_epochs": 1, "max_epochs_per_point": 2,
+               "valid_ratio": 0.25, "md": {"temperature_K": 400}},
+        "converge": {"patience": 3, "max_epochs": 8},
+        "test_set": {"size": 3, "stride": 5, "md": {"temperature_K": 300}},
+        "output": {"directory": str(tmp_path / "run")},
+        "seed": 3,
+    }
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value}
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_campaign(tmp_path_factory, parsl_executor):
+    tmp_path = tmp_path_factory.mktemp("campaign")
+    config = config_from_dict(tiny_config(tmp_path))
+    summary = run_campaign(config, executor=parsl_executor)
+    return tmp_path / "run", summary
+
+
+def test_campaign_writes_the_run_directory(finished_campaign):
+    run, summary = finished_campaign
+    for path in ("campaign.yaml", "data/dataset.h5", "data/train.xyz", "data/valid.xyz", "data/test.xyz",
+                 "models/member_0.model", "models/member_1.model", "models/best.model",
+                 "logs/events.jsonl", "report/summary.md", "state/phases.json"):
+        assert (run / path).is_file(), path
+    resolved = yaml.safe_load((run / "campaign.yaml").read_text())
+    assert resolved["al"]["window"] == 400  # defaults written out
+    assert json.loads((run / "state/phases.json").read_text())["done"] == ["idg", "al", "converge"]
+    assert summary["al"]["reason"] == "max_train_set_size"
+
+
+def test_every_label_is_in_the_dataset_with_provenance(finished_campaign):
+    run, _ = finished_campaign
+    store = DatasetStore.open(run / "data/dataset.h5")
+    frames = store.frames()
+    events = read_events(run / "logs/events.jsonl")
+    assert len(frames) == sum(e["event"] == "frame_stored" for e in events)
+    al_frames = store.frames(origin="al")
+    al_done = [e for e in events if e["event"] == "label_done" and "phase" not in e]
+    assert len(al_frames) == len(al_done) > 0
+    assert store.counts()["split"]["train"] >= 18
+    for frame in al_frames:
+        assert frame.trajectory in (0, 1, 2) and frame.md_step > 0 and np.isfinite(frame.uncertainty)
+        atoms = frame.to_atoms()
+        atoms.calc = EMT()  # the stored label is EMT's answer for the stored geometry
+        np.testing.assert_allclose(atoms.get_forces(), frame.forces, atol=1e-8)
+    idg_members = {f.member for f in store.frames(origin="idg", split="train")}
+    assert idg_members == {0, 1}  # disjoint subsets dealt to both members
+    assert {f.member for f in al_frames} == {-1}  # AL points are shared by all members
+    exported = read(run / "data/train.xyz", ":")
+    assert len(exported) == store.counts()["split"]["train"]
+
+
+def test_labels_ran_on_parsl_workers_while_others_sampled(finished_campaign):
+    run, _ = finished_campaign
+    events = read_events(run / "logs/events.jsonl")
+    submitted = [e for e in events if e["event"] == "label_submitted" and "phase" not in e]
+    assert submitted and all(e["delta"] > e["threshold"] for e in submitted)
+    states = [e for e in events if e["event"] == "state"]
+    assert {(e["old"], e["new"]) for e in states} >= {("running", "waiting"), ("waiting", "training"),
+                                                     ("training", "running")}
+
+
+def test_models_load_in_mace_calculator(finished_campaign):
+    from mace.calculators import MACECalculator
+
+    run, summary = finished_campaign
+    atoms = _cluster()
+    atoms.calc = MACECalculator(model_paths=str(run / "models/best.model"), device="cpu", default_dtype="float64")
+    assert np.isfinite(atoms.get_forces()).all()
+    test = summary["test"]
+    assert test["size"] == 3
+    assert np.isfinite(test["errors"][test["member"]]["force_mae"])

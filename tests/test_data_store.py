@@ -1,0 +1,300 @@
+"""The labelled-frame store: exact round trips, filters, durability under SIGKILL, extxyz I/O."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+import ase.io
+import h5py
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from aimspax_like.data import (
+    DatasetStore,
+    LabelledFrame,
+    export_extxyz,
+    import_extxyz,
+    reference_fingerprint,
+)
+from aimspax_like.errors import SetupError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def molecule(rng: np.random.Generator, **prov) -> LabelledFrame:
+    """Three atoms, no cell, no stress."""
+    atoms = Atoms("H2O", positions=rng.normal(size=(3, 3)))
+    prov = {"split": "train", "origin": "idg", **prov}
+    return LabelledFrame.from_atoms(atoms, energy=rng.normal() * 100, forces=rng.normal(size=(3, 3)), **prov)
+
+
+def crystal(rng: np.random.Generator, **prov) -> LabelledFrame:
+    """Eight periodic atoms with stress and every provenance field set."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+    prov = {
+        "split": "valid",
+        "origin": "al",
+        "trajectory": 3,
+        "md_step": 1200,
+        "uncertainty": 0.0421,
+        "member": 2,
+        "reference": "0000000000003e12",
+        "label_wall_s": 12.5,
+        **prov,
+    }
+    return LabelledFrame.from_atoms(
+        atoms, energy=-43.123456789012345, forces=rng.normal(size=(8, 3)), stress=rng.normal(size=6), **prov
+    )
+
+
+def assert_same(a: LabelledFrame, b: LabelledFrame) -> None:
+    for f in fields(LabelledFrame):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert x is not None and y is not None, f.name
+            assert x.dtype.kind == y.dtype.kind and x.shape == y.shape, f.name
+            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f.name
+        elif isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), f.name
+        else:
+            assert x == y and type(x) is type(y), f.name
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+def test_round_trip_preserves_every_field(tmp_path, rng):
+    frames = [molecule(rng), crystal(rng), molecule(rng, split="test", origin="test")]
+    store = DatasetStore.create(tmp_path / "data.h5")
+    assert [store.append(f) for f in frames] == [0, 1, 2]
+    reopened = DatasetStore.open(tmp_path / "data.h5")
+    assert len(reopened) == 3
+    for a, b in zip(frames, reopened.frames(), strict=True):
+        assert_same(a, b)
+    assert reopened.frames()[0].stress is None
+    with h5py.File(tmp_path / "data.h5", "r") as h5:
+        assert h5.attrs["format_version"] == 1 and h5.attrs["n_frames"] == 3
+
+
+def test_ragged_sizes_and_extend(tmp_path, rng):
+    frames = []
+    for n in (1, 5, 2, 17, 8):
+        atoms = Atoms(numbers=rng.integers(1, 30, size=n), positions=rng.normal(size=(n, 3)))
+        frames.append(
+            LabelledFrame.from_atoms(
+                atoms, energy=float(n), forces=rng.normal(size=(n, 3)), split="train", origin="al", md_step=n
+            )
+        )
+    store = DatasetStore(tmp_path / "new" / "data.h5")  # file created on first write
+    assert len(store) == 0 and store.frames() == []
+    assert store.extend(frames[:3]) == [0, 1, 2]
+    assert store.append(frames[3]) == 3
+    assert store.extend(frames[4:]) == [4]
+    back = store.frames()
+    assert [len(f) for f in back] == [1, 5, 2, 17, 8]
+    for a, b in zip(frames, back, strict=True):
+        assert_same(a, b)
+
+
+def test_filters_and_counts(tmp_path, rng):
+    store = DatasetStore.create(tmp_path / "data.h5")
+    store.extend(
+        [
+            molecule(rng, split="train", origin="idg", member=0),
+            molecule(rng, split="train", origin="idg", member=1),
+            molecule(rng, split="valid", origin="idg", member=-1),
+            crystal(rng, split="train", origin="al", member=-1),
+            crystal(rng, split="test", origin="test", member=-1),
+        ]
+    )
+    assert len(store.frames(split="train")) == 3
+    assert len(store.frames(origin="idg")) == 3
+    assert len(store.frames(split="train", origin="al")) == 1
+    assert [f.member for f in store.frames(member=0)] == [0, -1, -1, -1]
+    assert [f.member for f in store.frames(split="train", member=1)] == [1, -1]
+    assert store.frames(split="valid", origin="al") == []
+    assert store.counts() == {
+        "total": 5,
+        "split": {"train": 3, "valid": 1, "test": 1},
+        "origin": {"idg": 3, "al": 1, "test": 1, "analysis": 0},
+    }
+    atoms = store.atoms(split="test")
+    assert len(atoms) == 1 and atoms[0].info["origin"] == "test"
+
+
+def test_create_refuses_existing_file(tmp_path):
+    path = tmp_path / "data.h5"
+    DatasetStore.create(path)
+    with pytest.raises(SetupError, match=re.escape(str(path))):
+        DatasetStore.create(path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "foreign_hdf5"])
+def test_open_refuses_bad_files(tmp_path, rng, damage):
+    path = tmp_path / "data.h5"
+    if damage == "garbage":
+        path.write_bytes(b"this is not an HDF5 file\n" * 100)
+    elif damage == "truncated":
+        DatasetStore.create(path).extend([crystal(rng) for _ in range(20)])
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "foreign_hdf5":
+        with h5py.File(path, "w") as h5:
+            h5["x"] = [1, 2, 3]
+    with pytest.raises(SetupError, match=re.escape(str(path))) as err:
+        DatasetStore.open(path)
+    assert "\n" not in str(err.value)
+
+
+def test_appended_frames_survive_sigkill(tmp_path):
+    path = tmp_path / "data.h5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import numpy as np
+        from ase.build import molecule
+        from aimspax_like.data import DatasetStore, LabelledFrame
+        store = DatasetStore.create({str(path)!r})
+        for i in range(5):
+            f = LabelledFrame.from_atoms(molecule("H2O"), energy=float(i), forces=np.full((3, 3), i),
+                                         split="train", origin="al", md_step=i)
+            assert store.append(f) == i
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    frames = DatasetStore.open(path).frames()
+    assert [f.energy for f in frames] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [f.md_step for f in frames] == [0, 1, 2, 3, 4]
+
+
+def test_rows_beyond_n_frames_are_ignored_and_overwritten(tmp_path, rng):
+    """What an append killed half-way leaves behind must not leak into reads or later appends."""
+    path = tmp_path / "data.h5"
+    store = DatasetStore.create(path)
+    store.extend([molecule(rng), molecule(rng)])
+    with h5py.File(path, "r+") as h5:  # a half-finished append: data written, counter not
+        for name in ("numbers", "positions", "forces"):
+            h5[name].resize(h5[name].shape[0] + 4, axis=0)
+        for name in ("energy", "split", "atom_offset", "n_atoms"):
+            h5[name].resize(3, axis=0)
+        h5["energy"][2] = 999.0
+    assert len(store) == 2
+    third = crystal(rng)
+    assert store.append(third) == 2
+    assert_same(store.frames()[2], third)
+
+
+def test_to_atoms_carries_label_and_provenance(rng):
+    frame = crystal(rng)
+    atoms = frame.to_atoms()
+    assert atoms.get_potential_energy() == frame.energy
+    assert np.array_equal(atoms.get_forces(), frame.forces)
+    assert np.array_equal(atoms.get_stress(), frame.stress)
+    assert atoms.info["REF_energy"] == frame.energy
+    assert np.array_equal(atoms.arrays["REF_forces"], frame.forces)
+    assert np.array_equal(atoms.info["REF_stress"], frame.stress)
+    for key in ("split", "origin", "trajectory", "md_step", "uncertainty", "member"):
+        assert atoms.info[key] == getattr(frame, key)
+    assert "REF_stress" not in molecule(rng).to_atoms().info
+
+
+def test_frame_validation(rng):
+    with pytest.raises(ValueError, match="split"):
+        molecule(rng, split="training")
+    with pytest.raises(ValueError, match="origin"):
+        molecule(rng, origin="md")
+    with pytest.raises(ValueError, match="forces"):
+        LabelledFrame.from_atoms(Atoms("H2"), energy=0.0, forces=np.zeros((3, 3)), split="train", origin="al")
+    full = np.arange(9.0).reshape(3, 3)
+    frame = LabelledFrame.from_atoms(
+        Atoms("H"), 0.0, np.zeros((1, 3)), stress=full, split="train", origin="al"
+    )
+    assert np.array_equal(frame.stress, [0.0, 4.0, 8.0, 5.0, 2.0, 1.0])
+
+
+def test_export_extxyz_is_read_back_identically_by_ase(tmp_path, rng):
+    frames = [molecule(rng), crystal(rng), molecule(rng, uncertainty=0.5)]
+    path = export_extxyz(frames, tmp_path / "train.xyz")
+    images = ase.io.read(path, ":")
+    assert not list(tmp_path.glob(".train.xyz.*"))  # no temp file left behind
+    for frame, atoms in zip(frames, images, strict=True):
+        assert atoms.calc is None  # the label exists once, under REF_* only
+        assert atoms.info["REF_energy"] == frame.energy
+        assert np.array_equal(atoms.arrays["REF_forces"], frame.forces)
+        assert np.array_equal(atoms.positions, frame.positions)
+        assert np.array_equal(atoms.cell.array, frame.cell)
+        assert np.array_equal(atoms.pbc, frame.pbc)
+    assert np.array_equal(images[1].info["REF_stress"], frames[1].stress)
+    assert "REF_stress" not in images[0].info
+
+
+def test_import_extxyz_round_trip(tmp_path, rng):
+    frames = [molecule(rng), crystal(rng), crystal(rng, split="test", origin="test")]
+    back = import_extxyz(export_extxyz(frames, tmp_path / "all.xyz"))
+    for a, b in zip(frames, back, strict=True):
+        assert_same(a, b)
+    relabelled = import_extxyz(tmp_path / "all.xyz", split="train", member=4)
+    assert {f.split for f in relabelled} == {"train"} and {f.member for f in relabelled} == {4}
+
+
+def test_import_extxyz_reads_plain_calculator_labels(tmp_path, rng):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    forces, stress = rng.normal(size=(4, 3)), rng.normal(size=6)
+    atoms.calc = SinglePointCalculator(atoms, energy=-14.5, forces=forces, stress=stress)
+    ase.io.write(tmp_path / "plain.xyz", [atoms, atoms], format="extxyz")
+    frames = import_extxyz(tmp_path / "plain.xyz", split="train", origin="idg")
+    assert len(frames) == 2 and frames[0].energy == -14.5
+    assert np.allclose(frames[0].forces, forces, atol=1e-7)
+    assert np.allclose(frames[0].stress, stress)
+    with pytest.raises(SetupError, match="split"):
+        import_extxyz(tmp_path / "plain.xyz", origin="idg")
+    (tmp_path / "bad.xyz").write_text("not\nan xyz file\n")
+    with pytest.raises(SetupError, match=re.escape(str(tmp_path / "bad.xyz"))):
+        import_extxyz(tmp_path / "bad.xyz", split="train", origin="idg")
+
+
+def test_reference_fingerprint():
+    spec = {"kind": "pyscf", "xc": "PBE", "basis": "def2-SVP", "timeout_s": 60.0}
+    fp = reference_fingerprint(spec)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert reference_fingerprint(dict(reversed(spec.items()))) == fp
+    assert reference_fingerprint({**spec, "timeout_s": 3600.0, "keep_workdir": True}) == fp
+    assert reference_fingerprint({k: v for k, v in spec.items() if k != "timeout_s"}) == fp
+    assert reference_fingerprint({**spec, "xc": "B3LYP"}) != fp
+    aims = {"kind": "aims", "xc": "pbe", "command": "aims.x"}
+    assert reference_fingerprint({**aims, "command": "srun -n 128 aims.x"}) == reference_fingerprint(aims)
+
+
+def test_overlong_reference_is_refused_before_writing(tmp_path, rng):
+    store = DatasetStore.create(tmp_path / "data.h5")
+    store.append(molecule(rng))
+    with pytest.raises(ValueError, match="reference"):
+        store.extend([molecule(rng), molecule(rng, reference="x" * 65)])
+    assert len(store) == 1
+
+
+def test_data_package_stays_import_light():
+    code = "import sys, aimspax_like.data; print(sorted({'torch', 'mace', 'parsl'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
