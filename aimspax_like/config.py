@@ -13,11 +13,21 @@ setting. ``load_config`` turns any validation problem into a ``ConfigError`` nam
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from aimspax_like.errors import ConfigError
 
@@ -239,6 +249,137 @@ class LocalCluster(_Strict):
     cores_per_worker: float = Field(1.0, gt=0)
 
 
+_WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
+
+
+def _lines(value: Any) -> Any:
+    """One string with newlines or a list of lines -> a list of lines (blank lines dropped)."""
+    if isinstance(value, str):
+        value = value.splitlines()
+    return [line.strip() for line in value if str(line).strip()] if isinstance(value, list) else value
+
+
+class SlurmProviderConfig(_Strict):
+    """What each block asks SLURM for: Parsl's ``SlurmProvider`` (one block = one sbatch job).
+
+    Blocks are requested as labels queue up and released when idle, always between
+    ``min_blocks`` and ``max_blocks``; ``init_blocks`` are requested at start.
+    """
+
+    partition: str | None = Field(None, description="Partition of the label blocks (a CPU one).")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = Field(None, description="#SBATCH --constraint, e.g. a CPU type.")
+    walltime: str = Field("01:00:00", description="Wall limit of one block, HH:MM:SS.")
+    nodes_per_block: int = Field(1, ge=1)
+    mem_per_node: int | None = Field(None, ge=1, description="GB per node; unset: SLURM's default.")
+    init_blocks: int = Field(0, ge=0, description="Blocks requested when the campaign starts.")
+    min_blocks: int = Field(0, ge=0, description="Blocks kept even when idle.")
+    max_blocks: int = Field(1, ge=1, validate_default=True, description="Never more blocks than this.")
+    exclusive: bool = Field(True, description="Whole nodes (#SBATCH --exclusive).")
+    scheduler_options: list[str] = Field(
+        default_factory=list, description="Extra #SBATCH lines; '--gres=...' gets the '#SBATCH ' prefix."
+    )
+    worker_init: list[str] = Field(
+        default_factory=list, description="Shell lines run before the workers start (module load, venv)."
+    )
+
+    _split_lines = field_validator("scheduler_options", "worker_init", mode="before")(_lines)
+
+    @field_validator("walltime")
+    @classmethod
+    def _hh_mm_ss(cls, value: str) -> str:
+        match = _WALLTIME.match(value)
+        if match is None:
+            raise ValueError("must be HH:MM:SS")
+        if not any(int(part) for part in match.groups()):
+            raise ValueError("must be longer than 00:00:00")
+        return value
+
+    @field_validator("scheduler_options")
+    @classmethod
+    def _sbatch_lines(cls, value: list[str]) -> list[str]:
+        lines = []
+        for line in value:
+            if line.startswith("-"):
+                line = f"#SBATCH {line}"
+            if not line.startswith("#SBATCH "):
+                raise ValueError(f"'{line}' is neither '#SBATCH ...' nor an sbatch option '--...'")
+            lines.append(line)
+        return lines
+
+    @field_validator("max_blocks")
+    @classmethod
+    def _covers_min_and_init(cls, value: int, info: ValidationInfo) -> int:
+        for key in ("min_blocks", "init_blocks"):
+            if key in info.data and info.data[key] > value:
+                raise ValueError(f"must be at least {key} ({info.data[key]})")
+        return value
+
+
+class SlurmLauncherConfig(_Strict):
+    """How the worker pool starts inside a block (Parsl's launchers).
+
+    ``single_node`` (Parsl's default) and ``simple`` start one pool in the batch script, which
+    leaves the allocation free for a reference that launches itself with ``srun -n 128 aims.x``;
+    ``srun`` starts one pool per node as a job step, for Python references on multi-node blocks
+    (an ``srun`` inside such a step would wait for cores the step already holds).
+    """
+
+    kind: Literal["srun", "single_node", "simple"] = "single_node"
+    overrides: str = Field("", description="Extra srun options (kind 'srun' only).")
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_need_srun(cls, value: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")
+        if value and kind is not None and kind != "srun":
+            raise ValueError(f"only used by kind 'srun', not '{kind}'")
+        return value
+
+
+class SlurmExecutorConfig(_Strict):
+    """Parsl's ``HighThroughputExecutor``: the workers of each node and how blocks scale."""
+
+    workers_per_node: int = Field(1, ge=1, description="Labels running at once on one node.")
+    cores_per_worker: float = Field(1.0, gt=0, description="Cores one label uses (OMP_NUM_THREADS).")
+    max_idletime_s: float = Field(120.0, ge=0, description="Idle seconds before a block is released.")
+    strategy_period_s: float = Field(5.0, gt=0, description="Seconds between Parsl's scaling decisions.")
+    address: str | None = Field(
+        None, description="Host or IP the compute nodes reach this driver at; default: its hostname."
+    )
+    interface: str | None = Field(None, description="Network interface to take the address from, e.g. ib0.")
+    worker_python: str | None = Field(
+        None, description="Python on the compute nodes; default: the driver's own (shared filesystem)."
+    )
+
+    @field_validator("interface")
+    @classmethod
+    def _one_address_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("address"):
+            raise ValueError("give address or interface, not both")
+        return value
+
+
+class SlurmCluster(_Strict):
+    """Labels in SLURM jobs (Parsl blocks) that scale with the label queue."""
+
+    kind: Literal["slurm"] = "slurm"
+    provider: SlurmProviderConfig = Field(default_factory=SlurmProviderConfig)
+    launcher: SlurmLauncherConfig = Field(default_factory=SlurmLauncherConfig)
+    executor: SlurmExecutorConfig = Field(default_factory=SlurmExecutorConfig)
+
+
+def _local_unless_named(value: Any) -> Any:
+    # Configs written before the 'slurm' kind existed may leave out 'kind: local'.
+    return {**value, "kind": "local"} if isinstance(value, dict) and "kind" not in value else value
+
+
+ClusterConfig = Annotated[
+    LocalCluster | SlurmCluster, Field(discriminator="kind"), BeforeValidator(_local_unless_named)
+]
+
+
 class TestSetConfig(_Strict):
     """Held-out frames labelled at the end to report the final model's error."""
 
@@ -262,7 +403,7 @@ class CampaignConfig(_Strict):
     al: ALConfig = Field(default_factory=ALConfig)
     converge: ConvergeConfig = Field(default_factory=ConvergeConfig)
     test_set: TestSetConfig = Field(default_factory=TestSetConfig)
-    cluster: LocalCluster = Field(default_factory=LocalCluster)
+    cluster: ClusterConfig = Field(default_factory=LocalCluster)
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = 0
 
@@ -282,7 +423,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "MDConfig", "list[MDConfig]"}
+_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "MDConfig", "list[MDConfig]", "local", "slurm"}
 
 
 def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:

@@ -6,6 +6,11 @@ seconds, so the whole test session shares one pool.
 
 from __future__ import annotations
 
+import os
+
+# As the CLI does: one OpenMP thread per process, set before torch loads (see cli._default_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from collections.abc import Iterator
 
 import pytest

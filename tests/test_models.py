@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import math
 
@@ -164,18 +163,23 @@ def test_unknown_element_is_a_setup_error(ensemble):
         ensemble.predict([Atoms("CuO", positions=[[0, 0, 0], [1.8, 0, 0]])])
 
 
-def test_graph_cache_reuses_and_notices_changes(ensemble):
+def test_graph_cache_is_keyed_by_content_and_bounded(ensemble):
     builder = ensemble.graphs
     builder.clear()
     frame = rattled(1, seed=3)[0]
     first = builder.cached(frame)
-    assert builder.cached(frame) is first
-    frame.positions[0, 0] += 0.1
-    assert builder.cached(frame) is not first
-    assert len(builder) == 1
-    del frame
-    gc.collect()
-    assert len(builder) == 0
+    assert builder.cached(frame.copy()) is first  # a new object with the same content hits
+    moved = frame.copy()
+    moved.positions[0, 0] += 0.1
+    relabelled = frame.copy()
+    relabelled.info["REF_energy"] += 1.0
+    assert builder.cached(moved) is not first and builder.cached(relabelled) is not first
+    assert float(builder.cached(relabelled).energy) == pytest.approx(frame.info["REF_energy"] + 1.0)
+    assert len(builder) == 3
+    builder.max_cached = 2
+    builder.cached(rattled(1, seed=4)[0])
+    assert len(builder) == 2 and builder.cached(frame) is not first  # the oldest was evicted
+    builder.max_cached = 20000
 
 
 # ------------------------------------------------------------------ statistics
@@ -197,6 +201,16 @@ def test_atomic_energies_recover_exact_references_and_split_a_single_composition
     assert atomic_energies_from_data(frames[2:], [29, 79, 47]) == pytest.approx(
         {29: frames[2].info["REF_energy"] / 7, 79: 0.0, 47: 0.0}
     )
+
+
+def test_neighbour_count_matches_mace_on_real_graphs(ensemble):
+    from mace.modules import compute_avg_num_neighbors
+
+    from aimspax_like.models.graphs import loader
+
+    frames = [*rattled(4, seed=9), mixed_systems()[1]]
+    expected = compute_avg_num_neighbors(loader(ensemble.graphs.graphs(frames, cache=False), batch_size=2))
+    assert average_neighbors(frames, ensemble.r_max) == pytest.approx(expected)
 
 
 def test_neighbour_count_and_force_scale():

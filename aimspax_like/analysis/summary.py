@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aimspax_like.context import RunContext
+from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.events import read_events
 
 
@@ -29,6 +30,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
         "splits": counts["split"],
         "md_steps": {"idg": idg_steps, "al": results.get("al", {}).get("md_steps", 0)},
         "al": results.get("al"),
+        "overlap": label_overlap(events),
         "valid_force_mae": results.get("final_valid"),
         "best_member": results.get("converge", {}).get("best_member"),
         "test": results.get("test"),
@@ -57,6 +59,10 @@ def render(summary: dict[str, Any]) -> str:
         al = summary["al"]
         lines.append(f"al         stopped by {al['reason']}; {al['training_rounds']} training rounds; "
                      f"threshold {al['threshold']:.4g} eV/A")
+        overlap = summary["overlap"]
+        lines.append(f"parallel   {overlap['labels_overlapping_sampling']} of {overlap['labels']} labels ran while "
+                     f"other trajectories sampled ({overlap['checks_by_others_during_labels']} checks meanwhile); "
+                     f"max {overlap['max_in_flight']} in flight")
     if summary.get("valid_force_mae"):
         maes = "  ".join(f"m{k}: {v * 1000:.1f}" for k, v in enumerate(summary["valid_force_mae"]))
         best = summary.get("best_member")

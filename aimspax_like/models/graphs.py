@@ -4,12 +4,13 @@ Everything goes through mace's own pipeline (``config_from_atoms`` -> ``AtomicDa
 -> ``Batch.from_data_list``) so that what the ensemble trains on is exactly what
 ``MACECalculator`` would see. Graph construction (neighbour lists, one-hot tensors) costs more
 than a forward pass of a tiny model, and continual learning revisits the same labelled frames
-every round, so ``GraphBuilder`` caches one ``AtomicData`` per frame.
+every round, so ``GraphBuilder`` caches one ``AtomicData`` per labelled frame.
 """
 
 from __future__ import annotations
 
-import weakref
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
@@ -29,43 +30,43 @@ KEYS = mace_data.KeySpecification(
 )
 HEADS = ["Default"]
 
-class _Entry:
-    """A cached graph plus what it was built from, to notice a frame mutated in place."""
 
-    __slots__ = ("cell", "data", "numbers", "pbc", "positions", "ref")
+def frame_key(atoms: Atoms) -> bytes:
+    """Digest of everything ``config_from_atoms`` reads: geometry, labels and their weights.
 
-    def __init__(self, atoms: Atoms, data: mace_data.AtomicData, ref: weakref.ref) -> None:
-        self.ref = ref
-        self.data = data
-        self.positions = atoms.positions.copy()
-        self.numbers = atoms.numbers.copy()
-        self.cell = np.array(atoms.cell)
-        self.pbc = atoms.pbc.copy()
+    Equal content gives an equal key, so ``LabelledFrame.to_atoms()`` may hand out a new
+    ``Atoms`` object every round and still hit the cache, while a frame edited in place (moved,
+    relabelled, reweighted) misses it instead of being served a stale graph.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (atoms.numbers, atoms.positions, np.asarray(atoms.cell), atoms.pbc):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    forces = atoms.arrays.get("REF_forces")
+    digest.update(b"F" + (np.ascontiguousarray(forces, dtype=float).tobytes() if forces is not None else b"-"))
+    labels = {k: v for k, v in atoms.info.items() if k in _INFO_READ or k.startswith("config_")}
+    digest.update(repr(sorted((k, np.asarray(v).tolist()) for k, v in labels.items())).encode())
+    return digest.digest()
 
-    def matches(self, atoms: Atoms) -> bool:
-        return (
-            self.ref() is atoms
-            and np.array_equal(self.positions, atoms.positions)
-            and np.array_equal(self.numbers, atoms.numbers)
-            and np.array_equal(self.cell, np.array(atoms.cell))
-            and np.array_equal(self.pbc, atoms.pbc)
-        )
+
+_INFO_READ = frozenset({"REF_energy", "REF_stress"})
 
 
 class GraphBuilder:
     """Builds (and for labelled frames caches) ``AtomicData`` for one element table and cutoff.
 
-    The cache is keyed by object identity and holds only a weak reference to each frame, so it
-    never keeps frames alive; an entry is dropped when its frame is garbage collected. Geometry
-    is compared on every hit, so a frame edited in place is rebuilt rather than served stale.
-    Labels are read at build time: relabelling a frame in place requires ``clear()``.
+    The cache is keyed by frame content (``frame_key``) and bounded: beyond ``max_cached``
+    graphs the least recently used one is dropped. Size it above the labelled-set size so a
+    training epoch never rebuilds a graph.
     """
 
-    def __init__(self, z_table: AtomicNumberTable, r_max: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self, z_table: AtomicNumberTable, r_max: float, dtype: torch.dtype, max_cached: int = 20000
+    ) -> None:
         self.z_table = z_table
         self.r_max = float(r_max)
         self.dtype = dtype
-        self._cache: dict[int, _Entry] = {}
+        self.max_cached = int(max_cached)
+        self._cache: OrderedDict[bytes, mace_data.AtomicData] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -83,15 +84,16 @@ class GraphBuilder:
             )
 
     def cached(self, atoms: Atoms) -> mace_data.AtomicData:
-        """The graph of a labelled frame, built once per frame object."""
-        key = id(atoms)
-        entry = self._cache.get(key)
-        if entry is not None and entry.matches(atoms):
-            return entry.data
+        """The graph of a labelled frame, built once per distinct content."""
+        key = frame_key(atoms)
+        data = self._cache.get(key)
+        if data is not None:
+            self._cache.move_to_end(key)
+            return data
         data = self.build(atoms)
-        cache = self._cache
-        ref = weakref.ref(atoms, lambda _ref, k=key: _drop(cache, k, _ref))
-        cache[key] = _Entry(atoms, data, ref)
+        self._cache[key] = data
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
         return data
 
     def graphs(self, frames: Sequence[Atoms], cache: bool = True) -> list[mace_data.AtomicData]:
@@ -109,13 +111,6 @@ class GraphBuilder:
             raise SetupError(
                 f"atomic numbers {unknown} are not among the model's elements {list(self.z_table.zs)}"
             )
-
-
-def _drop(cache: dict[int, _Entry], key: int, ref: weakref.ref) -> None:
-    """Weakref callback: forget a collected frame unless its id was already reused."""
-    entry = cache.get(key)
-    if entry is not None and entry.ref is ref:
-        del cache[key]
 
 
 def loader(

@@ -49,7 +49,7 @@ class MemberMetrics:
 
     member: int
     epoch: int  # epochs trained so far by this member, all rounds together
-    train_loss: float  # graph-weighted mean batch loss of the last epoch (raw weights)
+    train_loss: float  # graph-weighted mean batch loss of the last epoch (raw weights); NaN if none
     valid_loss: float
     valid_force_mae: float  # eV/A
     valid_energy_mae_per_atom: float  # eV/atom
@@ -143,10 +143,12 @@ class EnsembleTrainer:
         The model as it stands on entry is the first candidate, so convergence never returns a
         worse model than it was given. Restoring the best epoch restores all of it (raw and EMA
         weights, EMA shadow and optimiser moments), so later training continues from a
-        consistent state rather than with moments accumulated by the discarded epochs. ``on_epoch`` sees every epoch's metrics; returning True
-        stops early (the best weights are still restored). The result is the best epoch's
-        metrics with ``epoch`` set to the total epochs trained and ``improved`` telling whether
-        it beat the member's best before the call.
+        consistent state, not with moments accumulated by the discarded epochs.
+
+        ``on_epoch`` sees every epoch's metrics; returning True stops early (the best state is
+        still restored). The result is the best epoch's metrics with ``epoch`` set to the total
+        epochs trained and ``improved`` telling whether it beat the member's best before the
+        call.
         """
         st = self._states[member]
         train_g, valid_g = self._graphs(train, valid)

@@ -1,0 +1,239 @@
+"""The 'slurm' cluster kind without a cluster: config validation, and the SlurmProvider and
+sbatch script it turns into (Parsl's own script writer, with sbatch replaced by a stub)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import write
+
+from aimspax_like.config import LocalCluster, SlurmCluster, config_from_dict
+from aimspax_like.errors import ConfigError
+from aimspax_like.execution import (
+    ParslLabelExecutor,
+    SlurmLabelExecutor,
+    make_label_executor,
+    slurm_provider,
+)
+
+
+def _config(tmp_path: Path, cluster: dict | None) -> dict:
+    write(tmp_path / "dimer.xyz", _dimer())
+    config = {"system": {"structures": str(tmp_path / "dimer.xyz")}, "reference": {"kind": "emt"}}
+    if cluster is not None:
+        config["cluster"] = cluster
+    return config
+
+
+def _dimer():
+    from ase import Atoms
+
+    return Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
+
+
+def _slurm(section: str, **values: object) -> dict:
+    return {"kind": "slurm", section: values}
+
+
+BAD_CLUSTERS = [
+    # (cluster section, text expected in the one-line error)
+    ({"kind": "pbs"}, "cluster: Input tag 'pbs'"),
+    ({"kind": "slurm", "max_workers": 2}, "cluster.max_workers: unknown key"),  # a local key
+    (_slurm("provider", partiton="cpu"), "cluster.provider.partiton: unknown key"),
+    (_slurm("provider", min_blocks=3, max_blocks=2), "cluster.provider.max_blocks: must be at least min_blocks (3)"),
+    (_slurm("provider", min_blocks=2), "cluster.provider.max_blocks: must be at least min_blocks (2)"),
+    (_slurm("provider", init_blocks=4, max_blocks=2), "cluster.provider.max_blocks: must be at least init_blocks (4)"),
+    (_slurm("provider", max_blocks=0), "cluster.provider.max_blocks"),
+    (_slurm("provider", min_blocks=-1), "cluster.provider.min_blocks"),
+    (_slurm("provider", nodes_per_block=0), "cluster.provider.nodes_per_block"),
+    (_slurm("provider", walltime="1:00"), "cluster.provider.walltime: must be HH:MM:SS"),
+    (_slurm("provider", walltime="01:75:00"), "cluster.provider.walltime: must be HH:MM:SS"),
+    (_slurm("provider", walltime="2h"), "cluster.provider.walltime: must be HH:MM:SS"),
+    (_slurm("provider", walltime="00:00:00"), "cluster.provider.walltime: must be longer"),
+    (_slurm("provider", scheduler_options=["echo hi"]), "cluster.provider.scheduler_options"),
+    (_slurm("launcher", kind="mpirun"), "cluster.launcher.kind"),
+    (_slurm("launcher", kind="simple", overrides="--mpi=pmi2"), "cluster.launcher.overrides: only used by kind 'srun'"),
+    (_slurm("executor", max_idletime_s=-1), "cluster.executor.max_idletime_s"),
+    (_slurm("executor", workers_per_node=0), "cluster.executor.workers_per_node"),
+    (_slurm("executor", cores_per_worker=0), "cluster.executor.cores_per_worker"),
+    (_slurm("executor", address="node1", interface="ib0"), "cluster.executor.interface: give address or interface"),
+    ({"kind": "local", "provider": {}}, "cluster.provider: unknown key"),  # a slurm key
+]
+
+
+@pytest.mark.parametrize(("cluster", "expected"), BAD_CLUSTERS)
+def test_bad_cluster_sections_name_the_key(tmp_path: Path, cluster: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_config(tmp_path, cluster))
+    message = str(info.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("cluster", BAD_CLUSTERS[3:5])
+def test_bad_cluster_section_exits_2_from_the_cli(tmp_path: Path, capsys, cluster) -> None:
+    from aimspax_like.cli import main
+
+    path = tmp_path / "campaign.yaml"
+    config = _config(tmp_path, cluster[0])
+    config["output"] = {"directory": str(tmp_path / "run")}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cluster.provider.max_blocks") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_kinds_and_defaults(tmp_path: Path) -> None:
+    assert isinstance(config_from_dict(_config(tmp_path, None)).cluster, LocalCluster)
+    # Older configs without 'kind' still mean the local pool.
+    local = config_from_dict(_config(tmp_path, {"max_workers": 3})).cluster
+    assert isinstance(local, LocalCluster) and local.max_workers == 3
+    slurm = config_from_dict(_config(tmp_path, {"kind": "slurm"})).cluster
+    assert isinstance(slurm, SlurmCluster)
+    assert (slurm.provider.min_blocks, slurm.provider.max_blocks, slurm.provider.init_blocks) == (0, 1, 0)
+    assert slurm.provider.exclusive and slurm.launcher.kind == "single_node"
+    assert slurm.executor.max_idletime_s == 120.0  # Parsl's default
+
+
+def test_resolved_yaml_round_trips_a_slurm_cluster(tmp_path: Path) -> None:
+    cluster = {
+        "kind": "slurm",
+        "provider": {"partition": "cpu", "max_blocks": 4, "scheduler_options": "--gres=gpu:0\n#SBATCH --mem=8G",
+                     "worker_init": "module load aims\nsource /opt/venv/bin/activate"},
+        "launcher": {"kind": "srun", "overrides": "--mpi=pmi2"},
+    }
+    config = config_from_dict(_config(tmp_path, cluster))
+    provider = config.cluster.provider
+    assert provider.scheduler_options == ["#SBATCH --gres=gpu:0", "#SBATCH --mem=8G"]
+    assert provider.worker_init == ["module load aims", "source /opt/venv/bin/activate"]
+    again = config_from_dict(yaml.safe_load(config.resolved_yaml()))
+    assert again.cluster == config.cluster
+
+
+def _cluster(**sections: dict) -> SlurmCluster:
+    return SlurmCluster.model_validate(sections)
+
+
+def _block_script(provider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """The sbatch script Parsl writes for one block, with sbatch replaced by a stub."""
+    commands: list[str] = []
+
+    def fake_execute_wait(cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
+        commands.append(cmd)
+        return 0, "Submitted batch job 4242\n", ""
+
+    monkeypatch.setattr(provider, "execute_wait", fake_execute_wait)
+    provider.script_dir = str(tmp_path)
+    job_id = provider.submit("WORKER_POOL_COMMAND", 1, "parsl.labels.block-0")
+    assert job_id == "4242"
+    assert len(commands) == 1 and commands[0].startswith("sbatch ")
+    script_path = commands[0].split(" ", 1)[1]
+    return Path(script_path).read_text(), script_path
+
+
+def test_slurm_provider_fields_and_block_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = _cluster(
+        provider={"partition": "cpu", "account": "proj42", "qos": "normal", "walltime": "01:30:00",
+                  "nodes_per_block": 2, "init_blocks": 1, "min_blocks": 0, "max_blocks": 3, "exclusive": True,
+                  "scheduler_options": ["--gres=gpu:0", "#SBATCH --mail-type=NONE"],
+                  "worker_init": ["module load intel", "source /opt/venv/bin/activate"]},
+        launcher={"kind": "srun", "overrides": "--cpu-bind=none"},
+        executor={"workers_per_node": 4, "cores_per_worker": 2},
+    )
+    provider = slurm_provider(cluster)
+    assert (provider.init_blocks, provider.min_blocks, provider.max_blocks) == (1, 0, 3)
+    assert provider.nodes_per_block == 2 and provider.walltime == "01:30:00"
+    assert provider.parallelism == 1.0  # srun: one pool per node, Parsl's slot count is right
+    assert type(provider.launcher).__name__ == "SrunLauncher"
+
+    script, _ = _block_script(provider, tmp_path, monkeypatch)
+    lines = script.splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --time=90", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --partition=cpu", "#SBATCH --account=proj42", "#SBATCH --qos=normal",
+                 "#SBATCH --exclusive", "#SBATCH --gres=gpu:0", "#SBATCH --mail-type=NONE",
+                 "export OMP_NUM_THREADS=2", "module load intel", "source /opt/venv/bin/activate"):
+        assert line in lines, (line, script)
+    # The user's worker_init comes after our OMP default, so a site can override it.
+    assert lines.index("export OMP_NUM_THREADS=2") < lines.index("module load intel")
+    srun = [line for line in lines if line.startswith("srun ")]
+    assert srun and "--ntasks 2" in srun[0] and "--cpu-bind=none" in srun[0]
+    assert "WORKER_POOL_COMMAND" in script
+
+
+def test_single_node_launcher_without_exclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = _cluster(provider={"exclusive": False, "nodes_per_block": 2, "max_blocks": 2},
+                       launcher={"kind": "single_node"}, executor={"workers_per_node": 1})
+    provider = slurm_provider(cluster)
+    # One pool per block: Parsl must count one slot per block, not one per node.
+    assert provider.parallelism == 2.0
+    script, _ = _block_script(provider, tmp_path, monkeypatch)
+    assert "#SBATCH --exclusive" not in script
+    assert "--partition" not in script and "--account" not in script
+    assert not any(line.startswith("srun ") for line in script.splitlines())
+    assert "WORKER_POOL_COMMAND" in script
+    assert SlurmLabelExecutor(cluster, tmp_path).n_workers == 2
+
+
+def test_slurm_executor_builds_htex_with_autoscaling(tmp_path: Path) -> None:
+    cluster = _cluster(
+        provider={"max_blocks": 3, "nodes_per_block": 2},
+        launcher={"kind": "srun"},
+        executor={"workers_per_node": 4, "max_idletime_s": 7, "strategy_period_s": 2, "address": "localhost",
+                  "worker_python": "/shared/venv/bin/python"},
+    )
+    executor = make_label_executor(cluster, tmp_path)
+    assert isinstance(executor, SlurmLabelExecutor) and isinstance(executor, ParslLabelExecutor)
+    assert executor.n_workers == 3 * 2 * 4
+    assert executor._scaling() == {"strategy": "htex_auto_scale", "max_idletime": 7.0, "strategy_period": 2.0}
+    htex = executor._build_htex()
+    assert htex.address == "127.0.0.1"  # resolved, so the interchange can bind it
+    assert htex.launch_cmd.startswith("/shared/venv/bin/python -m parsl.executors.high_throughput.process_worker_pool")
+    assert htex.workers_per_node == 4
+    assert type(htex.provider).__name__ == "SlurmProvider" and htex.provider.max_blocks == 3
+    # Labels go through the placement wrapper (for label_placed events); the local pool does not.
+    assert executor._label_function().__name__ == "label_with_placement"
+    local = make_label_executor(LocalCluster(), tmp_path)
+    assert local._label_function().__name__ == "label"
+
+
+def test_default_address_is_this_hosts_and_bad_ones_are_config_errors(tmp_path: Path) -> None:
+    import platform
+    import socket
+
+    executor = SlurmLabelExecutor(_cluster(), tmp_path)
+    try:
+        expected = socket.gethostbyname(platform.node())
+    except OSError:  # a host whose own name does not resolve: the user must name an address
+        with pytest.raises(ConfigError):
+            executor.address()
+    else:
+        assert executor.address() == expected
+    bad = SlurmLabelExecutor(_cluster(executor={"address": "no-such-host.invalid"}), tmp_path)
+    with pytest.raises(ConfigError) as info:
+        bad.address()
+    assert info.value.key == "cluster.executor.address"
+
+
+def test_placement_wrapper_imports_nothing_heavy() -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from ase import Atoms\n"
+        "from aimspax_like.execution import label_with_placement, worker_report\n"
+        "outcome, where = label_with_placement(Atoms('Cu2', positions=[[0,0,0],[2.5,0,0]]), {'kind': 'emt'}, 'w')\n"
+        "assert outcome.ok and where['slurm_job_id'] == '77' and where['pid'] > 0, where\n"
+        "assert worker_report()['slurm_job_id'] == '77'\n"
+        "heavy = {'torch', 'mace', 'e3nn', 'parsl'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "SLURM_JOB_ID": "77"}
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=folder, env=env)
