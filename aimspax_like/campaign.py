@@ -117,7 +117,7 @@ def run_campaign(
                 from aimspax_like.converge import run_test_set
 
                 results["test"] = run_test_set(ctx, committee, results["converge"]["best_member"])
-            if committee is not None:
+            if committee is not None and committee.valid:
                 results["final_valid"] = [
                     committee.trainer.evaluate(k, committee.valid)["force_mae"] for k in range(committee.n_members)
                 ]

@@ -108,3 +108,36 @@ def test_models_load_in_mace_calculator(finished_campaign):
     test = summary["test"]
     assert test["size"] == 3
     assert np.isfinite(test["errors"][test["member"]]["force_mae"])
+
+
+def test_idg_with_a_foundation_model_file_stops_at_desired_accuracy(tmp_path, finished_campaign, parsl_executor):
+    """The previous campaign's model stands in for MACE-MP-0: it drives the MD, workers label."""
+    run, _ = finished_campaign
+    config = tiny_config(
+        tmp_path,
+        idg={"sampler": "foundation", "foundation_model": str(run / "models/best.model"),
+             "desired_acc": 10.0, "desired_acc_scale": 1.0},
+    )
+    summary = run_campaign(config_from_dict(config), phases=("idg",), executor=parsl_executor)
+    events = read_events(tmp_path / "run/logs/events.jsonl")
+    end = next(e for e in events if e["event"] == "phase_end" and e["phase"] == "idg")
+    assert end["reason"] == "desired_acc" and end["epochs"] == 3  # one round was enough
+    submitted = [e for e in events if e["event"] == "label_submitted" and e.get("phase") == "idg"]
+    assert len(submitted) >= 6 and summary["labels"]["idg"] == len(DatasetStore.open(tmp_path / "run/data/dataset.h5"))
+    assert json.loads((tmp_path / "run/state/phases.json").read_text())["done"] == ["idg"]
+
+
+@pytest.mark.parametrize(("idg", "reason"), [
+    ({"max_set_size": 8, "max_epochs": 100}, "max_set_size"),
+    ({"max_set_size": 100, "max_epochs": 6}, "max_epochs"),
+])
+def test_idg_stop_criteria(tmp_path, parsl_executor, idg, reason):
+    run_campaign(config_from_dict(tiny_config(tmp_path, idg=idg)), phases=("idg",), executor=parsl_executor)
+    events = read_events(tmp_path / "run/logs/events.jsonl")
+    end = next(e for e in events if e["event"] == "phase_end" and e["phase"] == "idg")
+    assert end["reason"] == reason
+    store = DatasetStore.open(tmp_path / "run/data/dataset.h5")
+    if reason == "max_set_size":
+        assert len(store) == 8
+    else:
+        assert end["epochs"] == 6 and len(store) < 100

@@ -145,6 +145,7 @@ def test_failed_label_returns_trajectory_to_checkpoint(tmp_path):
     trajectory = scheduler.add_trajectory(start)
     with executor:
         result = scheduler.run()
+    assert result.reason == "max_md_steps"
     assert result.labels_done == 0 and result.labels_failed >= 1 and not stored
     log = read_events(tmp_path / "events.jsonl")
     failed = [e for e in log if e["event"] == "label_failed"]
@@ -226,3 +227,23 @@ def test_per_trajectory_temperatures_are_used(tmp_path):
     cold, hot = (scheduler.add_trajectory(_cluster(s)) for s in (0, 1))
     assert cold.md.md.temperature_K == 100 and hot.md.md.temperature_K == 900
     assert hot.md.temperature() > 3 * cold.md.temperature()
+
+
+class LearningCommittee(SpreadCommittee):
+    """Reports a validation error that falls below 0.05 eV/A after its second training round."""
+
+    def valid_force_mae(self):
+        return 1.0 if self.rounds < 2 else 0.04
+
+
+def test_al_stops_at_desired_accuracy(tmp_path):
+    config = ALConfig(num_trajectories=2, check_every=1, warmup=2, c_x=-0.5, desired_acc=0.05,
+                      max_train_set_size=100, max_md_steps=2000, max_epochs_per_point=1,
+                      md=MDConfig(temperature_K=300))
+    scheduler, executor, _, stored = _make(tmp_path, config, committee=LearningCommittee())
+    for seed in range(2):
+        scheduler.add_trajectory(_cluster(seed))
+    with executor:
+        result = scheduler.run()
+    assert result.reason == "desired_acc"
+    assert scheduler.committee.rounds == 2 and len(stored) >= 2

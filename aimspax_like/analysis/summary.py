@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from aimspax_like.context import RunContext
 from aimspax_like.analysis.timeline import label_overlap
+from aimspax_like.context import RunContext
 from aimspax_like.events import read_events
 
 
