@@ -231,12 +231,24 @@ class ALConfig(_Strict):
     desired_acc: float | None = Field(None, gt=0, description="Stop when valid force MAE below.")
     max_md_steps: int = Field(10000, ge=1, description="MD steps per trajectory.")
     max_labels_in_flight: int | None = Field(None, ge=1, description="Default: one per trajectory.")
+    while_labelling: Literal["wait", "continue"] = Field(
+        "wait",
+        description="wait: the paper's scheme (a trajectory waits for its label, then trains); "
+        "continue: it samples on while its labels run and training rounds interleave with sampling.",
+    )
+    labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
     md: MDConfig | list[MDConfig] = Field(default_factory=MDConfig)
 
     @model_validator(mode="after")
     def _md_per_trajectory(self) -> ALConfig:
         if isinstance(self.md, list) and len(self.md) != self.num_trajectories:
             raise ValueError(f"md has {len(self.md)} blocks for {self.num_trajectories} trajectories")
+        return self
+
+    @model_validator(mode="after")
+    def _several_labels_need_continue(self) -> ALConfig:
+        if self.labels_per_trajectory > 1 and self.while_labelling == "wait":
+            raise ValueError("labels_per_trajectory > 1 needs while_labelling: continue")
         return self
 
     def md_for(self, trajectory: int) -> MDConfig:

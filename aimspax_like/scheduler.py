@@ -12,6 +12,12 @@ One loop iteration:
 
 In ``parallel`` mode a trajectory whose frame is being labelled waits while the others go on;
 in ``serial`` mode the whole loop blocks until the label returns (the paper's serial version).
+
+``while_labelling: continue`` goes beyond the paper: a trajectory keeps sampling while its labels
+(up to ``labels_per_trajectory``) run, and every returned point adds ``max_epochs_per_point``
+epochs to a training debt that is paid ``intermediate_epochs`` per loop iteration, between MD
+steps, so neither a label nor training ever stops all sampling. Workers stay busy even when
+there are fewer trajectories than workers.
 A failed label is discarded and its trajectory restarts from its checkpoint geometry: the last
 frame that was labelled successfully (the start structure before that).
 
@@ -73,6 +79,7 @@ class Trajectory:
     epochs_for_point: int = 0
     labels_done: int = 0
     labels_failed: int = 0
+    labels_in_flight: int = 0
 
 
 @dataclass
@@ -120,7 +127,9 @@ class ALScheduler:
         self._in_flight: dict[int, tuple[int, Atoms, dict[str, Any]]] = {}
         self._next_label = 0
         self.training_rounds = 0
-        self.max_in_flight = config.max_labels_in_flight or config.num_trajectories
+        self.continues = config.while_labelling == "continue"
+        self.max_in_flight = config.max_labels_in_flight or config.num_trajectories * config.labels_per_trajectory
+        self.training_debt = 0  # epochs owed to returned points ('continue' policy)
 
     # ------------------------------------------------------------------ set-up
 
@@ -156,7 +165,7 @@ class ALScheduler:
                 break
             self._train_if_needed()
             self._step_running()
-            if not self._any(Status.RUNNING, Status.TRAINING) and self._in_flight:
+            if not self._any(Status.RUNNING, Status.TRAINING) and not self.training_debt and self._in_flight:
                 with self.clock.measure("waiting"):
                     self._take_finished(block=True)
             self._report_progress()
@@ -211,7 +220,7 @@ class ALScheduler:
                 "uncertainty", trajectory=trajectory.index, step=trajectory.md.step,
                 delta=delta, threshold=threshold,
             )
-            if delta > threshold and len(self._in_flight) < self.max_in_flight:
+            if delta > threshold and self._may_submit(trajectory):
                 self._submit(trajectory, delta, threshold)
         self.threshold.update(deltas)
         if (
@@ -221,6 +230,11 @@ class ALScheduler:
         ):
             self.threshold.freeze()
             self.events.emit("threshold_frozen", value=self.threshold.value)
+
+    def _may_submit(self, trajectory: Trajectory) -> bool:
+        if len(self._in_flight) >= self.max_in_flight or trajectory.status != Status.RUNNING:
+            return False
+        return trajectory.labels_in_flight < self.config.labels_per_trajectory
 
     def _submit(self, trajectory: Trajectory, delta: float, threshold: float) -> None:
         label_id = self._next_label
@@ -240,7 +254,9 @@ class ALScheduler:
             "label_submitted", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
             delta=delta, threshold=threshold, in_flight=len(self._in_flight),
         )
-        self._set_status(trajectory, Status.WAITING)
+        trajectory.labels_in_flight += 1
+        if not self.continues:
+            self._set_status(trajectory, Status.WAITING)
         future.add_done_callback(lambda f, i=trajectory.index, lid=label_id: self._finished.put((i, lid, f)))
         if self.config.mode == "serial":
             with self.clock.measure("waiting"):
@@ -265,6 +281,7 @@ class ALScheduler:
         trajectory = self.trajectories[index]
         _, frame, provenance = self._in_flight.pop(label_id)
         outcome = outcome_of(future)
+        trajectory.labels_in_flight -= 1
         self.clock.add("labelling", outcome.wall_s)
         if isinstance(outcome, LabelFailure):
             trajectory.labels_failed += 1
@@ -272,7 +289,7 @@ class ALScheduler:
                 "label_failed", label=label_id, trajectory=index, kind=outcome.kind.value,
                 message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir,
             )
-            if trajectory.status == Status.WAITING:
+            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
                 self._rewind(trajectory)
             return
         stored = self.sink(frame, outcome, provenance)
@@ -283,7 +300,9 @@ class ALScheduler:
             wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
         )
         trajectory.checkpoint = frame.copy()
-        if trajectory.status == Status.WAITING:
+        if self.continues:
+            self.training_debt += self.config.max_epochs_per_point
+        elif trajectory.status == Status.WAITING:
             trajectory.epochs_for_point = 0
             self._set_status(trajectory, Status.TRAINING)
 
@@ -307,9 +326,10 @@ class ALScheduler:
 
     def _train_if_needed(self) -> None:
         training = [t for t in self.trajectories if t.status == Status.TRAINING]
-        if not training:
+        if not training and not self.training_debt:
             return
         epochs = self.config.intermediate_epochs
+        self.training_debt = max(0, self.training_debt - epochs)
         with self.clock.measure("training"):
             metrics = self.committee.train_round(epochs)
         self.training_rounds += 1

@@ -247,3 +247,35 @@ def test_al_stops_at_desired_accuracy(tmp_path):
         result = scheduler.run()
     assert result.reason == "desired_acc"
     assert scheduler.committee.rounds == 2 and len(stored) >= 2
+
+
+def test_continue_policy_samples_on_while_own_labels_run(tmp_path):
+    config = ALConfig(num_trajectories=1, check_every=1, warmup=3, c_x=1.0, max_train_set_size=4,
+                      max_md_steps=3000, while_labelling="continue", labels_per_trajectory=2,
+                      intermediate_epochs=1, max_epochs_per_point=2, md=MDConfig(temperature_K=300))
+    scheduler, executor, _, stored = _make(tmp_path, config, faults={"delay_s": 0.3})
+    scheduler.add_trajectory(_cluster(5))
+    with executor:
+        result = scheduler.run()
+    log = read_events(tmp_path / "events.jsonl")
+    assert not [e for e in log if e["event"] == "state" and e["new"] in ("waiting", "training")]
+    # The only trajectory kept checking its own frames while its labels were in flight ...
+    own_checks, open_labels = 0, set()
+    for e in log:
+        if e["event"] == "label_submitted":
+            open_labels.add(e["label"])
+        elif e["event"] in ("label_done", "label_failed"):
+            open_labels.discard(e["label"])
+        elif e["event"] == "uncertainty" and open_labels:
+            own_checks += 1
+    assert own_checks > 10
+    # ... sometimes with two of them at once, and every returned point was paid two epochs.
+    assert max(e["in_flight"] for e in log if e["event"] == "label_submitted") == 2
+    assert result.labels_done == len(stored) >= 4
+    # Epochs trained (one per round) plus epochs still owed at the stop: two per returned point.
+    assert scheduler.committee.rounds + scheduler.training_debt == 2 * len(stored)
+
+
+def test_several_labels_per_trajectory_need_continue():
+    with pytest.raises(ValueError, match="while_labelling"):
+        ALConfig(labels_per_trajectory=2)
