@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,19 +43,25 @@ class EventLog:
             self._file = path.open("a", encoding="utf-8")
         self.counts: Counter[str] = Counter()
         self.t0 = time.time()
+        # Executors emit from Parsl's result thread and a block monitor, the scheduler from the
+        # main thread: one lock keeps lines whole and counts exact.
+        self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"t": round(time.time(), 4), "event": event, **_jsonable(fields)}
-        self.counts[event] += 1
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        line = json.dumps(record) + "\n"
+        with self._lock:
+            self.counts[event] += 1
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
         return record
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

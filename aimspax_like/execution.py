@@ -485,6 +485,9 @@ class _BlockMonitor:
     def active_blocks(self) -> int:
         return sum(state != "released" for state in self._blocks.values())
 
+    def states(self) -> dict[str, str]:
+        return dict(self._blocks)
+
     def poll(self, ask_interchange: bool = True, reason: str | None = None) -> None:
         """Emit the changes since the last poll; ``ask_interchange=False`` after shutdown."""
         from parsl.jobs.states import TERMINAL_STATES, JobState
@@ -650,13 +653,16 @@ class SlurmLabelExecutor(ParslLabelExecutor):
 
     def block_states(self) -> dict[str, str]:
         """Each block the monitor has seen: 'requested', 'running' or 'released'."""
-        return dict(self._monitor._blocks) if self._monitor is not None else {}
+        monitor = self._monitor
+        return monitor.states() if monitor is not None else {}
 
     def _cleanup(self, dfk: DataFlowKernel) -> None:
         """Stop the monitor, let Parsl cancel the blocks, then log their release."""
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.stop()
+            with contextlib.suppress(Exception):  # last look while the interchange still answers
+                monitor.poll()
         htex = self._htex
         super()._cleanup(dfk)
         if monitor is not None and htex is not None:

@@ -80,7 +80,8 @@ NEW_CONF=$(mktemp)
 cat >"$NEW_CONF" <<EOF
 # Written by aimspax_like scripts/slurm_start.sh: a one-node test cluster on $HOST.
 ClusterName=aimspax
-SlurmctldHost=$HOST
+# Loopback addresses: one machine, and no dependence on its hostname resolving.
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -114,7 +115,7 @@ KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName=$HOST $NODE_HW State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 $NODE_HW State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 # slurmd -C also prints UpTime on its second line; only the node line goes in (NODE_HW above).

@@ -237,3 +237,17 @@ def test_placement_wrapper_imports_nothing_heavy() -> None:
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "SLURM_JOB_ID": "77"}
         subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=folder, env=env)
+
+
+def test_slurm_template_is_a_valid_campaign() -> None:
+    from aimspax_like.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs/slurm_template.yaml")
+    cluster = config.cluster
+    assert isinstance(cluster, SlurmCluster)
+    assert cluster.launcher.kind != "srun"  # FHI-aims launches itself with srun
+    assert config.reference.kind == "aims" and config.reference.command.startswith("srun ")
+    assert "#SBATCH --ntasks-per-node=128" in cluster.provider.scheduler_options
+    script = (root / "scripts/driver_job.sbatch").read_text()
+    assert "aimspax-like run" in script and "#SBATCH --gres=gpu:1" in script

@@ -1,0 +1,213 @@
+"""Labels in real SLURM jobs, with blocks that scale up under load and back down when idle.
+
+Needs the one-node cluster of ``scripts/slurm_start.sh``; run with ``pytest -m slurm``. Each
+test prints its block timeline (``pytest -m slurm -s`` shows it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ase import Atoms
+from ase.cluster import Icosahedron
+from ase.io import write
+
+from aimspax_like.campaign import run_campaign
+from aimspax_like.config import SlurmCluster, config_from_dict
+from aimspax_like.events import read_events
+from aimspax_like.execution import SlurmLabelExecutor
+from aimspax_like.reference.results import LabelResult
+
+pytestmark = pytest.mark.slurm
+
+BLOCK_EVENTS = ("block_requested", "block_running", "block_released", "workers")
+
+
+@pytest.fixture(scope="module")
+def partition() -> str:
+    """The default partition of a SLURM cluster that is up; fails (not skips) without one."""
+    if shutil.which("sinfo") is None:
+        pytest.fail("no SLURM commands here: run `bash scripts/slurm_start.sh` first")
+    info = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=30)
+    rows = [line.split() for line in info.stdout.splitlines() if line.strip()]
+    usable = [p.rstrip("*") for p, state in rows if state in ("idle", "mixed", "allocated", "completing")]
+    if info.returncode != 0 or not usable:
+        pytest.fail(f"no usable SLURM node ({info.stdout.strip()} {info.stderr.strip()}): run scripts/slurm_start.sh")
+    defaults = [p.rstrip("*") for p, _ in rows if p.endswith("*")]
+    return defaults[0] if defaults else usable[0]
+
+
+def _queued(job_ids: set[str]) -> set[str]:
+    """Which of these jobs SLURM still has pending or running."""
+    if not job_ids:
+        return set()
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i %t", "-j", ",".join(sorted(job_ids))],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.split() and line.split()[1] in ("PD", "R", "CF")}
+
+
+def _timeline(events: list[dict[str, Any]], t0: float) -> str:
+    rows = []
+    for e in events:
+        if e["event"] in BLOCK_EVENTS or e["event"] == "label_placed":
+            detail = {k: v for k, v in e.items() if k not in ("t", "event")}
+            rows.append(f"  {e['t'] - t0:7.1f} s  {e['event']:<16} {detail}")
+    return "\n".join(rows)
+
+
+def _check_block_bookkeeping(events: list[dict[str, Any]], max_blocks: int) -> dict[str, str]:
+    """Every block requested once, with a SLURM job id, released once; never above max_blocks."""
+    requested = {e["block"]: e["job_id"] for e in events if e["event"] == "block_requested"}
+    released = [e["block"] for e in events if e["event"] == "block_released"]
+    assert requested and all(requested.values()), requested
+    assert sorted(released) == sorted(requested), (requested, released)
+    counts = [e["active_blocks"] for e in events if "active_blocks" in e]
+    assert max(counts) <= max_blocks and counts[-1] == 0, counts
+    return requested
+
+
+def test_label_burst_scales_blocks_out_and_back_in(partition: str, tmp_path: Path) -> None:
+    """Six 2 s labels on max_blocks=2: two SLURM jobs start, run the labels, and are cancelled
+    once idle for max_idletime_s; one more task then brings a new block up."""
+    events: list[dict[str, Any]] = []
+    t0 = time.time()
+
+    def record(name: str, fields: dict[str, Any]) -> None:
+        events.append({"t": time.time(), "event": name, **fields})
+
+    cluster = SlurmCluster.model_validate({
+        "provider": {"partition": partition, "walltime": "00:10:00", "min_blocks": 0, "max_blocks": 2,
+                     "exclusive": False},
+        "launcher": {"kind": "srun"},
+        "executor": {"workers_per_node": 1, "max_idletime_s": 3, "strategy_period_s": 1},
+    })
+    idle_s = cluster.executor.max_idletime_s
+    with SlurmLabelExecutor(cluster, tmp_path, on_event=record) as executor:
+        assert executor.block_states() == {}  # min_blocks = init_blocks = 0: nothing until labels come
+        atoms = Icosahedron("Cu", 2)
+        futures = [
+            executor.submit(atoms, {"kind": "emt"}, str(tmp_path / f"burst{i}"), faults={"delay_s": 2.0})
+            for i in range(6)
+        ]
+        outcomes = [f.result(timeout=150) for f in futures]
+        last_label_t = time.time()
+        assert all(isinstance(o, LabelResult) for o in outcomes), outcomes
+        first_jobs = {e["job_id"] for e in events if e["event"] == "block_requested"}
+        assert len(first_jobs) == 2, "six queued labels should have asked for max_blocks=2 blocks"
+
+        # Idle now: the strategy cancels both blocks after max_idletime_s.
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(s == "released" for s in executor.block_states().values()):
+            time.sleep(0.5)
+        assert set(executor.block_states().values()) == {"released"}, executor.block_states()
+        released = [e for e in events if e["event"] == "block_released"]
+        assert {e["reason"] for e in released} == {"scaled_in"}
+        assert min(e["t"] for e in released) - last_label_t >= idle_s - 1.0
+        deadline = time.time() + 30
+        while _queued(first_jobs) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _queued(first_jobs), "cancelled blocks are still in the SLURM queue"
+
+        # Work again: a new block (a new SLURM job) comes up for it.
+        report = executor.probe().result(timeout=120)
+        assert report["slurm_job_id"] not in first_jobs and report["heavy_modules"] == []
+    print(f"\nblock timeline (t from executor start):\n{_timeline(events, t0)}")
+
+    requested = _check_block_bookkeeping(events, max_blocks=2)
+    assert report["slurm_job_id"] in requested.values()
+    running = {e["block"] for e in events if e["event"] == "block_running"}
+    assert running >= {e["block"] for e in events if e["event"] == "block_requested" and e["job_id"] in first_jobs}
+    assert max(e["connected"] for e in events if e["event"] == "workers") == 2
+    placed = [e for e in events if e["event"] == "label_placed"]
+    assert len(placed) == 6 and all(e["ok"] for e in placed)
+    # Each label reports the SLURM job it ran in: one of the blocks, and both blocks took labels.
+    assert {e["slurm_job_id"] for e in placed} == first_jobs
+    assert all(requested[e["block"]] == e["slurm_job_id"] for e in placed)
+
+
+def test_unusable_partition_fails_labels_instead_of_hanging(partition: str, tmp_path: Path) -> None:
+    """sbatch refusing the block is infrastructure failure: the label future raises, with
+    SLURM's message, and the failed block is an event."""
+    from parsl.executors.errors import BadStateException
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    cluster = SlurmCluster.model_validate({
+        "provider": {"partition": f"{partition}-no-such-partition", "walltime": "00:05:00", "exclusive": False},
+        "executor": {"max_idletime_s": 3, "strategy_period_s": 1},
+    })
+    with SlurmLabelExecutor(cluster, tmp_path, on_event=lambda n, d: events.append((n, d))) as executor:
+        future = executor.submit(Icosahedron("Cu", 2), {"kind": "emt"}, str(tmp_path / "never"))
+        with pytest.raises(BadStateException, match="invalid partition"):
+            future.result(timeout=60)
+    failed = [d for n, d in events if n == "block_released"]
+    assert failed and failed[0]["reason"] == "failed" and failed[0]["job_id"] is None
+    assert "invalid partition" in failed[0]["message"]
+
+
+def _tiny_campaign(tmp_path: Path, partition: str) -> dict:
+    """The tiny EMT campaign of test_campaign.py (2-member MACE), its labels sent to SLURM."""
+    positions = [[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0, 0, 2.5], [2.5, 2.5, 0], [1.3, 1.3, 2.0]]
+    write(tmp_path / "cluster.xyz", Atoms("Cu4Au2", positions=positions))
+    return {
+        "system": {"structures": str(tmp_path / "cluster.xyz")},
+        "reference": {"kind": "emt"},
+        "model": {"ensemble_size": 2, "channels": 8, "max_L": 0, "r_max": 4.5, "num_interactions": 1,
+                  "correlation": 2, "radial_mlp": [8], "num_radial_basis": 6, "dtype": "float64",
+                  "device": "cpu"},
+        "training": {"batch_size": 4},
+        "idg": {"stride": 5, "points_per_member": 3, "intermediate_epochs": 3, "max_epochs": 6,
+                "max_set_size": 40, "md": {"temperature_K": 400}},
+        "al": {"num_trajectories": 3, "check_every": 2, "warmup": 4, "max_train_set_size": 18,
+               "max_md_steps": 300, "intermediate_epochs": 1, "max_epochs_per_point": 2,
+               "valid_ratio": 0.25, "md": {"temperature_K": 400}},
+        "converge": {"patience": 3, "max_epochs": 8},
+        "test_set": {"size": 3, "stride": 5, "md": {"temperature_K": 300}},
+        "cluster": {
+            "kind": "slurm",
+            "provider": {"partition": partition, "walltime": "00:15:00", "min_blocks": 0, "max_blocks": 2,
+                         "exclusive": False},
+            "launcher": {"kind": "single_node"},
+            "executor": {"workers_per_node": 1, "max_idletime_s": 3, "strategy_period_s": 1},
+        },
+        "output": {"directory": str(tmp_path / "run")},
+        "seed": 3,
+    }
+
+
+def test_tiny_campaign_labels_run_inside_slurm_jobs(partition: str, tmp_path: Path) -> None:
+    config = config_from_dict(_tiny_campaign(tmp_path, partition))
+    summary = run_campaign(config)
+    run = tmp_path / "run"
+    assert (run / "models/best.model").is_file()
+    events = read_events(run / "logs/events.jsonl")
+    t0 = events[0]["t"]
+    print(f"\ncampaign block timeline (t from campaign start):\n{_timeline(events, t0)}")
+    counts = [(round(e["t"] - t0, 1), e["active_blocks"]) for e in events if "active_blocks" in e]
+    print(f"block count over time: {counts}")
+
+    requested = _check_block_bookkeeping(events, max_blocks=2)
+    assert any(e["event"] == "block_running" for e in events)
+    assert max(e["connected"] for e in events if e["event"] == "workers") >= 1
+    # Every label that went to the executor reports the SLURM job it ran in, one of the blocks'.
+    placed = {Path(e["workdir"]).name: e for e in events if e["event"] == "label_placed"}
+    assert all(e["slurm_job_id"] and requested[e["block"]] == e["slurm_job_id"] for e in placed.values())
+    al_done = [e["label"] for e in events if e["event"] == "label_done" and "phase" not in e]
+    assert al_done and all(f"al_{label:06d}" in placed for label in al_done)
+    test_placed = [name for name, e in placed.items() if name.startswith("test_") and e["ok"]]
+    assert summary["test"]["size"] == 3 and len(test_placed) >= 3
+    # At the end every block was cancelled and has left the SLURM queue.
+    assert _wait_gone(set(requested.values()))
+
+
+def _wait_gone(job_ids: set[str], timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while _queued(job_ids) and time.time() < deadline:
+        time.sleep(0.5)
+    return not _queued(job_ids)
