@@ -2,7 +2,9 @@
 
 Convergence training uses every training frame of the campaign (all IDG subsets and all
 active-learning points) and stops when the validation loss has not improved for ``patience``
-epochs, keeping the best weights. The test set is sampled by MD with the final model, as a user
+epochs, keeping the best weights. The per-element reference energies are then refitted to the
+training energies (``models.calibration``): force-dominated losses leave a constant energy
+offset that costs nothing in forces but spoils every reported energy. The test set is sampled by MD with the final model, as a user
 would run it, and labelled by the same reference on the label workers; it never enters training.
 """
 
@@ -13,6 +15,7 @@ from typing import Any
 
 from aimspax_like.committee import Committee
 from aimspax_like.context import RunContext
+from aimspax_like.models.calibration import refit_atomic_energies
 from aimspax_like.reference.results import LabelFailure
 from aimspax_like.sampling.ase_md import StridedSampler
 from aimspax_like.scheduler import outcome_of
@@ -36,6 +39,8 @@ def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
             )
         results[member] = metrics
         ctx.events.emit("converged", **metrics.__dict__)
+        shifts = refit_atomic_energies(committee.ensemble, member, train)
+        ctx.events.emit("e0_refit", member=member, shifts=shifts)
     if config.members == "all":
         best = min(results, key=lambda k: results[k].valid_loss)
     committee.save(ctx.paths.models)
