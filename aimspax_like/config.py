@@ -182,10 +182,26 @@ class ConvergeConfig(_Strict):
 
 
 class MDConfig(_Strict):
-    ensemble: Literal["langevin", "nve"] = "langevin"
+    """One trajectory's integrator. Trajectories with different blocks still share one batch.
+
+    ``langevin``: BAOAB with ``friction_per_fs``. ``nve``: velocity Verlet. ``bussi``: stochastic
+    velocity rescaling, ``nose_hoover``: a deterministic Nose-Hoover chain, both with time
+    constant ``taut_fs``. ``npt_crescale`` / ``npt_berendsen`` (periodic cells only): Bussi
+    thermostat plus isotropic stochastic cell rescaling (correct volume fluctuations) or its
+    noise-free Berendsen limit, towards ``pressure_bar`` with ``taup_fs`` and the
+    ``compressibility_per_bar`` estimate (it sets only how fast the volume relaxes).
+    """
+
+    ensemble: Literal["langevin", "nve", "bussi", "nose_hoover", "npt_crescale", "npt_berendsen"] = "langevin"
     temperature_K: float = Field(500.0, gt=0)
     timestep_fs: float = Field(1.0, gt=0)
-    friction_per_fs: float = Field(0.001, ge=0)
+    friction_per_fs: float = Field(0.001, ge=0, description="Langevin friction (langevin).")
+    taut_fs: float = Field(100.0, gt=0, description="Thermostat time constant (bussi, nose_hoover, npt_*).")
+    pressure_bar: float = Field(0.0, description="Target pressure (npt_*).")
+    taup_fs: float = Field(1000.0, gt=0, description="Barostat time constant (npt_*).")
+    compressibility_per_bar: float = Field(
+        4.6e-5, gt=0, description="Isothermal compressibility estimate (npt_*); water's by default."
+    )
 
 
 class IDGConfig(_Strict):

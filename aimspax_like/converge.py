@@ -4,8 +4,10 @@ Convergence training uses every training frame of the campaign (all IDG subsets 
 active-learning points) and stops when the validation loss has not improved for ``patience``
 epochs, keeping the best weights. The per-element reference energies are then refitted to the
 training energies (``models.calibration``): force-dominated losses leave a constant energy
-offset that costs nothing in forces but spoils every reported energy. The test set is sampled by MD with the final model, as a user
-would run it, and labelled by the same reference on the label workers; it never enters training.
+offset that costs nothing in forces but spoils every reported energy.
+
+The test set is sampled by MD with the final model, as a user would run it, and labelled by the
+same reference on the label workers; it never enters training.
 """
 
 from __future__ import annotations

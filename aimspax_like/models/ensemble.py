@@ -208,7 +208,8 @@ class MACEEnsemble:
         for k, model in enumerate(self.members):
             path = directory / f"member_{k}.model"
             tmp = path.with_suffix(".model.tmp")
-            torch.save(copy.deepcopy(model).cpu(), tmp)
+            with quiet_torchscript():  # deepcopy re-runs e3nn's TorchScript codegen
+                torch.save(copy.deepcopy(model).cpu(), tmp)
             tmp.replace(path)
             paths.append(path)
         return paths

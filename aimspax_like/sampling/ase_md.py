@@ -1,11 +1,12 @@
 """Round-robin MD over the start structures with one ASE calculator (IDG and test-set sampling).
 
 Initial dataset generation drives MD either with the reference itself or with a foundation
-model; both are ASE calculators. They run on the same BAOAB integrator as the active-learning
-trajectories (``sampling.dynamics``), so every phase samples the same ensemble. Every ``stride`` steps a
-frame is handed out (with the calculator's energy and forces at that point). A step that raises
-(an SCF that does not converge during reference MD) rewinds that structure's MD to its last
-handed-out frame with fresh velocities instead of ending the phase.
+model; both are ASE calculators. They run on the same integrators as the active-learning
+trajectories (``sampling.dynamics``), so every phase samples the same ensemble (NPT blocks take
+the calculator's stress). Every ``stride`` steps a frame is handed out (with the calculator's
+energy and forces at that point). A step that raises (an SCF that does not converge during
+reference MD) rewinds that structure's MD to its last handed-out frame with fresh velocities
+instead of ending the phase.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class StridedSampler:
         while True:
             try:
                 for _ in range(self.stride):
-                    step_batch([state], _calculator_forces)
+                    step_batch([state], _calculator_forces, _calculator_stresses, None)
                 energy = float(atoms.get_potential_energy())
                 forces = np.array(atoms.get_forces())
                 if not (np.isfinite(energy) and np.isfinite(forces).all()):
@@ -93,6 +94,7 @@ class StridedSampler:
     def _rewind(self, index: int) -> None:
         state = self.states[index]
         state.atoms.set_positions(self.last_good[index].get_positions())
+        state.atoms.set_cell(self.last_good[index].get_cell())
         state.atoms.set_momenta(maxwell_boltzmann(state.atoms, self.md.temperature_K, self.rng))
         state.invalidate_forces()
 
@@ -100,3 +102,8 @@ class StridedSampler:
 def _calculator_forces(structures: list[Atoms]) -> list[np.ndarray]:
     """Forces of the structures' own calculators, as a one-member committee."""
     return [np.asarray(atoms.get_forces())[None] for atoms in structures]
+
+
+def _calculator_stresses(structures: list[Atoms]) -> list[np.ndarray]:
+    """Stresses of the structures' own calculators (NPT only), same convention."""
+    return [np.asarray(atoms.get_stress(voigt=False))[None] for atoms in structures]
