@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ase import Atoms
 from ase.cluster import Icosahedron
-from ase.io import write
+from campaign_helpers import tiny_config
 
 from aimspax_like.campaign import run_campaign
 from aimspax_like.config import SlurmCluster, config_from_dict
@@ -153,32 +152,15 @@ def test_unusable_partition_fails_labels_instead_of_hanging(partition: str, tmp_
 
 def _tiny_campaign(tmp_path: Path, partition: str) -> dict:
     """The tiny EMT campaign of test_campaign.py (2-member MACE), its labels sent to SLURM."""
-    positions = [[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0, 0, 2.5], [2.5, 2.5, 0], [1.3, 1.3, 2.0]]
-    write(tmp_path / "cluster.xyz", Atoms("Cu4Au2", positions=positions))
-    return {
-        "system": {"structures": str(tmp_path / "cluster.xyz")},
-        "reference": {"kind": "emt"},
-        "model": {"ensemble_size": 2, "channels": 8, "max_L": 0, "r_max": 4.5, "num_interactions": 1,
-                  "correlation": 2, "radial_mlp": [8], "num_radial_basis": 6, "dtype": "float64",
-                  "device": "cpu"},
-        "training": {"batch_size": 4},
-        "idg": {"stride": 5, "points_per_member": 3, "intermediate_epochs": 3, "max_epochs": 6,
-                "max_set_size": 40, "md": {"temperature_K": 400}},
-        "al": {"num_trajectories": 3, "check_every": 2, "warmup": 4, "max_train_set_size": 18,
-               "max_md_steps": 300, "intermediate_epochs": 1, "max_epochs_per_point": 2,
-               "valid_ratio": 0.25, "md": {"temperature_K": 400}},
-        "converge": {"patience": 3, "max_epochs": 8},
-        "test_set": {"size": 3, "stride": 5, "md": {"temperature_K": 300}},
-        "cluster": {
-            "kind": "slurm",
-            "provider": {"partition": partition, "walltime": "00:15:00", "min_blocks": 0, "max_blocks": 2,
-                         "exclusive": False},
-            "launcher": {"kind": "single_node"},
-            "executor": {"workers_per_node": 1, "max_idletime_s": 3, "strategy_period_s": 1},
-        },
-        "output": {"directory": str(tmp_path / "run")},
-        "seed": 3,
+    config = tiny_config(tmp_path)
+    config["cluster"] = {
+        "kind": "slurm",
+        "provider": {"partition": partition, "walltime": "00:15:00", "min_blocks": 0, "max_blocks": 2,
+                     "exclusive": False},
+        "launcher": {"kind": "single_node"},
+        "executor": {"workers_per_node": 1, "max_idletime_s": 3, "strategy_period_s": 1},
     }
+    return config
 
 
 def test_tiny_campaign_labels_run_inside_slurm_jobs(partition: str, tmp_path: Path) -> None:
