@@ -4,12 +4,19 @@ Nothing numeric lives here: this module checks the inputs, lays out the run dire
 the label executor once, hands a ``RunContext`` to each phase and records which phases have
 finished (``state/phases.json``). Every input is checked before the folder is created, so bad
 input leaves nothing on disk. An existing folder is an error unless ``overwrite`` is given.
+
+``resume`` continues a run directory instead: finished phases (and a finished test set) are not
+repeated, the AL phase continues from ``state/al_checkpoint.pt``, an interrupted IDG restarts from
+its stored frames (see ``idg``), an interrupted convergence is trained again from the models the
+AL phase saved, and an interrupted test set samples again (frames already stored are not stored
+twice; their labels are computed again). The config must match the one in the run directory,
+except for the keys in ``state.SAFE_TO_CHANGE``. Phase results are kept in ``state/results.json``
+so the summary of a resumed campaign covers every phase.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +31,7 @@ from aimspax_like.context import RunContext, RunPaths
 from aimspax_like.data import DatasetStore, export_extxyz
 from aimspax_like.errors import ConfigError, RunDirectoryError
 from aimspax_like.events import EventLog
+from aimspax_like.state import AL_CHECKPOINT, CampaignInterrupted, load_checkpoint, unsafe_changes, write_atomic
 from aimspax_like.structures import read_structures
 
 PHASES = ("idg", "al", "converge")
@@ -45,16 +53,56 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
     return structures
 
 
-def _read_phases(paths: RunPaths) -> list[str]:
+def _read_state(paths: RunPaths) -> dict[str, Any]:
     file = paths.state / "phases.json"
-    return json.loads(file.read_text())["done"] if file.exists() else []
+    return json.loads(file.read_text()) if file.exists() else {"done": []}
+
+
+def _read_phases(paths: RunPaths) -> list[str]:
+    return _read_state(paths)["done"]
 
 
 def _mark_phase(paths: RunPaths, phase: str) -> None:
-    done = [*_read_phases(paths), phase]
-    tmp = paths.state / "phases.json.tmp"
-    tmp.write_text(json.dumps({"done": done, "updated": time.time()}))
-    os.replace(tmp, paths.state / "phases.json")
+    state = _read_state(paths)
+    if phase == "test":  # not a phase of its own (kept out of "done", which the phases own)
+        state["test_set_done"] = True
+    else:
+        state["done"] = [*state["done"], phase]
+    state["updated"] = time.time()
+    write_atomic(paths.state / "phases.json", json.dumps(state).encode())
+
+
+def _save_results(paths: RunPaths, results: dict[str, Any]) -> None:
+    write_atomic(paths.state / "results.json", json.dumps(results, default=str).encode())
+
+
+def _load_results(paths: RunPaths) -> dict[str, Any]:
+    file = paths.state / "results.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _resumable(config: CampaignConfig) -> RunPaths | None:
+    """The run directory to continue, or None when there is nothing to continue (start fresh)."""
+    paths = RunPaths(Path(config.output.directory))
+    if not paths.config.is_file():
+        return None
+    changed = unsafe_changes(paths.config.read_text(), config.resolved_yaml())
+    if changed:
+        raise ConfigError(changed[0], f"differs from the config of {paths.root} it would resume; change it back "
+                          f"or start a new run directory ({len(changed)} key(s) differ)")
+    if (paths.state / AL_CHECKPOINT).exists():  # refuse a damaged one before any worker starts
+        load_checkpoint(paths.state / AL_CHECKPOINT)
+    if not paths.dataset.is_file():  # killed while the folder was being laid out: nothing labelled yet
+        DatasetStore.create(paths.dataset)
+    write_atomic(paths.config, config.resolved_yaml().encode())  # the safe changes now apply
+    return paths
+
+
+def _finished(paths: RunPaths, config: CampaignConfig) -> bool:
+    state = _read_state(paths)
+    if "converge" not in state["done"]:
+        return False
+    return bool(state.get("test_set_done")) or config.test_set.size == 0 or (paths.report / "summary.json").exists()
 
 
 def _prepare_directory(config: CampaignConfig, phases: Sequence[str], overwrite: bool) -> RunPaths:
@@ -88,35 +136,61 @@ def run_campaign(
     overwrite: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     executor: Any = None,
+    resume: bool = False,
+    should_stop: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     """Run the given consecutive phases; returns the summary (also written to report/).
 
     ``executor`` lends an already started label executor (a test session shares one); by
-    default the campaign starts its own from ``cluster`` and stops it at the end.
+    default the campaign starts its own from ``cluster`` and stops it at the end. With
+    ``resume`` an existing run directory is continued (a missing one is started); a finished
+    one returns ``{"already_finished": True, ...}`` at once. ``should_stop`` returns a signal
+    number once the campaign should save and stop (``CampaignInterrupted`` is raised).
     """
     from aimspax_like.analysis.summary import build_summary, write_summary
     from aimspax_like.execution import make_label_executor
 
     structures = check_inputs(config)
-    paths = _prepare_directory(config, phases, overwrite)
+    paths = _resumable(config) if resume else None
+    results: dict[str, Any] = {}
+    if paths is None:
+        # A folder without campaign.yaml holds no label (the config is written before the store).
+        no_labels = resume and not (Path(config.output.directory) / "data/dataset.h5").exists()
+        paths = _prepare_directory(config, phases, overwrite or no_labels)
+        (paths.state / AL_CHECKPOINT).unlink(missing_ok=True)  # an overwritten AL starts afresh
+    else:
+        if _finished(paths, config):
+            return {"already_finished": True, "directory": str(paths.root)}
+        results = _load_results(paths)
+        phases = [p for p in phases if p not in _read_phases(paths)]
     events = EventLog(paths.events)
     store = DatasetStore.open(paths.dataset)
     owned = executor is None
     if owned:
         executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
-    ctx = RunContext(config, paths, store, events, executor, structures, on_progress=on_progress)
-    events.emit("campaign_start", phases=list(phases), directory=str(paths.root))
-    results: dict[str, Any] = {}
+    ctx = RunContext(config, paths, store, events, executor, structures, on_progress=on_progress,
+                     should_stop=should_stop or (lambda: 0))
+    events.emit("campaign_start", phases=list(phases), directory=str(paths.root), resume=resume)
     try:
         with executor if owned else nullcontext():
             committee = None
             for phase in phases:
+                if ctx.should_stop():
+                    raise CampaignInterrupted(int(ctx.should_stop()))
                 committee = _run_phase(ctx, phase, committee, results)
                 _mark_phase(paths, phase)
-            if "converge" in phases and committee is not None:
+                _save_results(paths, results)
+            state = _read_state(paths)
+            if "converge" in phases or (resume and "converge" in state["done"] and not state.get("test_set_done")):
                 from aimspax_like.converge import run_test_set
 
+                if committee is None:
+                    from aimspax_like.committee import Committee
+
+                    committee = Committee.from_files(config, paths.member_models(), store.frames())
                 results["test"] = run_test_set(ctx, committee, results["converge"]["best_member"])
+                _mark_phase(paths, "test")
+                _save_results(paths, results)
             if committee is not None and committee.valid:
                 results["final_valid"] = [
                     committee.trainer.evaluate(k, committee.valid)["force_mae"] for k in range(committee.n_members)

@@ -4,6 +4,10 @@
 (``al``/``converge`` continue the run directory written by the phase before). ``init`` writes a
 commented template, ``schema`` prints the config's JSON schema. Every setup problem prints one
 line, ``error: <key or file>: <what>``, and exits with code 2 before anything is written.
+
+``resume RUN_DIR`` (or ``run CONFIG --resume``) continues a campaign from its checkpoint. While a
+campaign runs, SIGTERM (what SLURM sends before the walltime kill) or SIGINT saves the state and
+stops at the next loop iteration with exit code 128 + the signal number (143, 130).
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--overwrite", action="store_true", help="start the phase(s) over if already run")
         cmd.add_argument("--output", type=Path, help="run directory (overrides output.directory)")
         cmd.add_argument("--quiet", action="store_true", help="no progress line")
+        if name == "run":
+            cmd.add_argument("--resume", action="store_true",
+                             help="continue the run directory from its checkpoint (start it if missing)")
+    resume = sub.add_parser("resume", help="continue a run directory from its checkpoint")
+    resume.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
+    resume.add_argument("--quiet", action="store_true", help="no progress line")
     init = sub.add_parser("init", help="write a commented campaign template")
     init.add_argument("path", type=Path, nargs="?", default=Path("campaign.yaml"))
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -47,20 +57,39 @@ PHASES_OF = {"run": ("idg", "al", "converge"), "idg": ("idg",), "al": ("al",), "
 
 def _run(args: argparse.Namespace) -> int:
     from aimspax_like.config import load_config
+    from aimspax_like.errors import RunDirectoryError
 
-    config = load_config(args.config)
-    if args.output is not None:
-        config.output.directory = args.output
+    if args.command == "resume":
+        if not (args.run_dir / "campaign.yaml").is_file():
+            raise RunDirectoryError(f"{args.run_dir}: not a run directory (no campaign.yaml)")
+        config = load_config(args.run_dir / "campaign.yaml")
+        config.output.directory = args.run_dir
+        args.overwrite, resume, phases = False, True, PHASES_OF["run"]
+    else:
+        config = load_config(args.config)
+        if args.output is not None:
+            config.output.directory = args.output
+        resume, phases = getattr(args, "resume", False), PHASES_OF[args.command]
     from aimspax_like.analysis.summary import render
     from aimspax_like.campaign import run_campaign
     from aimspax_like.progress import ProgressLine
+    from aimspax_like.state import CampaignInterrupted, StopFlag
 
     progress = None if args.quiet else ProgressLine()
+    stop = StopFlag().install()
     try:
-        summary = run_campaign(config, PHASES_OF[args.command], overwrite=args.overwrite, on_progress=progress)
+        summary = run_campaign(config, phases, overwrite=args.overwrite, on_progress=progress, resume=resume,
+                               should_stop=lambda: stop.signum)
+    except CampaignInterrupted as exc:
+        print(f"{exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
+        return 128 + exc.signum
     finally:
+        stop.uninstall()
         if progress is not None:
             progress.close()
+    if summary.get("already_finished"):
+        print(f"campaign {summary['directory']} already finished; nothing to do")
+        return 0
     print(render(summary))
     return 0
 

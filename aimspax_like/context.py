@@ -2,7 +2,9 @@
 
 ``RunContext.store_label`` is the single door through which a reference label enters the
 campaign: the frame is durable in ``data/dataset.h5`` (and logged) before anything learns
-from it or refers to it.
+from it or refers to it. It also refuses duplicates: a frame whose (origin, trajectory, MD step)
+is already stored (a resumed campaign meeting a label it stored before it was killed) is not
+written again, and the stored frame is returned.
 """
 
 from __future__ import annotations
@@ -75,11 +77,17 @@ class RunContext:
     clock: WallClock = field(default_factory=WallClock)
     on_progress: Callable[[dict[str, Any]], None] | None = None
     split_counts: dict[str, int] = field(default_factory=dict)
+    should_stop: Callable[[], int] = lambda: 0  # a signal number once SIGTERM/SIGINT arrived
+    stored_keys: set[tuple[str, int, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Counted once from the file, then kept in step by store_label (the stop criteria ask
         # for the training-set size every MD step; reopening the HDF5 file each time is waste).
         self.split_counts = dict(self.store.counts()["split"])
+        self.stored_keys = set(self.store.keys())
+
+    def is_stored(self, origin: str, trajectory: int = -1, md_step: int = -1) -> bool:
+        return (origin, int(trajectory), int(md_step)) in self.stored_keys
 
     @property
     def reference_spec(self) -> dict[str, Any]:
@@ -94,11 +102,18 @@ class RunContext:
         return reference_fingerprint(self.reference_spec)
 
     def store_label(self, atoms: Atoms, result: LabelResult, split: str, **provenance: Any) -> LabelledFrame:
+        key = (provenance.get("origin", ""), int(provenance.get("trajectory", -1)),
+               int(provenance.get("md_step", -1)))
+        if key[2] >= 0 and key in self.stored_keys:  # frames without an MD step have no identity
+            self.events.emit("frame_duplicate", origin=key[0], trajectory=key[1], md_step=key[2])
+            return next(f for f in self.store.frames(origin=key[0])
+                        if (f.trajectory, f.md_step) == key[1:])
         frame = LabelledFrame.from_atoms(
             atoms, result.energy, result.forces, result.stress, split=split,
             reference=self.fingerprint, label_wall_s=result.wall_s, **provenance,
         )
         index = self.store.append(frame)
+        self.stored_keys.add(key)
         self.split_counts[split] = self.split_counts.get(split, 0) + 1
         self.events.emit(
             "frame_stored", index=index, split=split, origin=provenance.get("origin"),
@@ -110,5 +125,10 @@ class RunContext:
         return self.split_counts.get("train", 0)
 
     def progress(self, **status: Any) -> None:
+        """Report progress; also where convergence training (not checkpointed) obeys a stop."""
+        if status.get("phase") == "converge" and self.should_stop():
+            from aimspax_like.state import CampaignInterrupted
+
+            raise CampaignInterrupted(int(self.should_stop()))
         if self.on_progress is not None:
             self.on_progress(status)

@@ -10,6 +10,12 @@ With ``sampler: reference`` the reference drives the MD in this process and ever
 ``stride``-th frame keeps the reference's own energy and forces (they were computed anyway).
 With ``sampler: foundation`` a foundation model drives the MD and the frames go to the label
 workers in parallel.
+
+Resume. IDG is not checkpointed mid-phase: an interrupted IDG starts again from the frames it
+already stored in ``dataset.h5``. The committee is rebuilt (fresh weights) from those frames and
+the round loop runs again with its full epoch budget; the sampler replays its (seeded) MD and
+skips every frame whose (structure, MD step) is already stored, so no stored frame is labelled
+or stored twice. Only the MD and the training are repeated, never a reference label.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from aimspax_like.data.splits import SplitCounter
 from aimspax_like.reference.results import LabelFailure, LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
 from aimspax_like.scheduler import outcome_of as _outcome_of
+from aimspax_like.state import CampaignInterrupted
 
 
 class MemberDealer:
@@ -67,20 +74,21 @@ class IDGPhase:
         self.ctx = ctx
         self.config = ctx.config.idg
         self.n_members = ctx.config.model.ensemble_size
-        self.splits = SplitCounter(self.config.valid_ratio)
-        self.dealer = MemberDealer(self.n_members, np.random.default_rng(ctx.config.seed + 7))
-        self.frames: list[LabelledFrame] = []
+        self.frames: list[LabelledFrame] = ctx.store.frames(origin="idg")  # kept from an interrupted run
+        self.splits = SplitCounter(self.config.valid_ratio, start=len(self.frames))
+        self.dealer = MemberDealer(self.n_members, np.random.default_rng(ctx.config.seed + 7 + len(self.frames)))
         self.epochs = 0
         self._label_count = 0
 
     def run(self) -> Committee:
         ctx = self.ctx
-        ctx.events.emit("phase_start", phase="idg", sampler=self.config.sampler)
+        ctx.events.emit("phase_start", phase="idg", sampler=self.config.sampler, resumed_frames=len(self.frames))
         sampler = _reference_sampler(ctx) if self.config.sampler == "reference" else _foundation_sampler(ctx)
         committee: Committee | None = None
         reason = ""
         while not reason:
-            new = self._collect_round(sampler)
+            self._check_stop()
+            new = self.frames if committee is None and self.frames else self._collect_round(sampler)
             if committee is None:
                 numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
                 committee = Committee.from_data(ctx.config, self.frames, numbers)
@@ -100,6 +108,12 @@ class IDGPhase:
                         epochs=self.epochs, md_steps=sampler.total_steps)
         committee.save(ctx.paths.models)
         return committee
+
+    def _check_stop(self) -> None:
+        signum = int(self.ctx.should_stop())
+        if signum:
+            self.ctx.events.emit("idg_interrupted", signal=signum, frames=len(self.ctx.store))
+            raise CampaignInterrupted(signum)
 
     def _stop_reason(self, committee: Committee) -> str:
         if self.epochs >= self.config.max_epochs:
@@ -122,6 +136,7 @@ class IDGPhase:
         wanted_train = self.config.points_per_member * self.n_members
         new: list[LabelledFrame] = []
         while sum(f.split == "train" for f in new) < wanted_train:
+            self._check_stop()
             room = self.config.max_set_size - len(self.frames) - len(new)
             if room <= 0 and new:
                 break
@@ -142,6 +157,8 @@ class IDGPhase:
         if self.config.sampler == "reference":
             with self.ctx.clock.measure("labelling"):
                 sampled = sampler.next_frame()
+                while self._stored(sampled):  # replayed after a resume: already in the dataset
+                    sampled = sampler.next_frame()
             return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, None, None, 0.0), sampled)]
         return self._label_by_workers(sampler, min(limit, max(1, getattr(self.ctx.executor, "n_workers", 1))))
 
@@ -151,7 +168,7 @@ class IDGPhase:
         """Foundation-model frames labelled in parallel, ``batch`` at a time; failures dropped."""
         ctx = self.ctx
         with ctx.clock.measure("md"):
-            sampled = [sampler.next_frame() for _ in range(batch)]
+            sampled = [s for s in (sampler.next_frame() for _ in range(batch)) if not self._stored(s)]
         futures = []
         for s in sampled:
             workdir = str(ctx.paths.labels / f"idg_{self._label_count:06d}")
@@ -170,6 +187,10 @@ class IDGPhase:
             ctx.events.emit("label_done", phase="idg", wall_s=outcome.wall_s)
             labelled.append((s.atoms, outcome, s))
         return labelled
+
+
+    def _stored(self, sampled: SampledFrame) -> bool:
+        return self.ctx.is_stored("idg", sampled.structure, sampled.md_step)
 
 
 def run_idg(ctx: RunContext) -> Committee:

@@ -18,8 +18,13 @@ in ``serial`` mode the whole loop blocks until the label returns (the paper's se
 epochs to a training debt that is paid ``intermediate_epochs`` per loop iteration, between MD
 steps, so neither a label nor training ever stops all sampling. Workers stay busy even when
 there are fewer trajectories than workers.
-A failed label is discarded and its trajectory restarts from its checkpoint geometry: the last
-frame that was labelled successfully (the start structure before that).
+A failed label is retried as ``al.failures`` says (crashes once by default), else discarded, and
+its trajectory restarts from its checkpoint geometry: the last frame that was labelled
+successfully (the start structure before that).
+
+Observers (``observers``, called with an event name after every submitted label, every label
+that came back and every training round) let the campaign checkpoint without the loop knowing
+about files; ``should_stop`` (a signal flag) makes the loop save and stop cleanly.
 
 The scheduler only sees a ``CommitteeLike`` (forces for a batch, add a frame, train a round) and a
 ``LabelSubmitter`` (submit returns a future of a result or a typed failure).
@@ -43,6 +48,8 @@ from aimspax_like.data import LabelledFrame
 from aimspax_like.events import EventLog, WallClock
 from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
+from aimspax_like.sampling.monitors import Monitor, first_instability
+from aimspax_like.state import CampaignInterrupted
 from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
 
 
@@ -80,6 +87,7 @@ class Trajectory:
     labels_done: int = 0
     labels_failed: int = 0
     labels_in_flight: int = 0
+    monitors: list[Monitor] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +116,9 @@ class ALScheduler:
         clock: WallClock | None = None,
         seed: int = 0,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        observers: list[Callable[[str], None]] | None = None,
+        should_stop: Callable[[], int] | None = None,
+        monitors: Callable[[Atoms, Any], list[Monitor]] | None = None,
     ) -> None:
         self.config = config
         self.committee = committee
@@ -130,6 +141,14 @@ class ALScheduler:
         self.continues = config.while_labelling == "continue"
         self.max_in_flight = config.max_labels_in_flight or config.num_trajectories * config.labels_per_trajectory
         self.training_debt = 0  # epochs owed to returned points ('continue' policy)
+        self.observers = list(observers or [])
+        self.attempts: dict[int, int] = {}  # label id -> retries used so far
+        self.should_stop = should_stop or (lambda: 0)
+        self.make_monitors = monitors  # (start structure, MD config) -> stability monitors
+
+    def _notify(self, event: str) -> None:
+        for observer in self.observers:
+            observer(event)
 
     # ------------------------------------------------------------------ set-up
 
@@ -141,6 +160,8 @@ class ALScheduler:
         start.calc = None
         start.set_momenta(maxwell_boltzmann(start, md_config.temperature_K, rng))
         trajectory = Trajectory(index, MDState(start, md_config, rng), checkpoint=start.copy())
+        if self.make_monitors is not None:
+            trajectory.monitors = self.make_monitors(start.copy(), md_config)
         self.trajectories.append(trajectory)
         return trajectory
 
@@ -160,6 +181,11 @@ class ALScheduler:
         self.events.emit("al_start", mode=self.config.mode, trajectories=len(self.trajectories))
         while True:
             self._take_finished(block=False)
+            signum = int(self.should_stop())
+            if signum:
+                self._notify("interrupted")
+                self.events.emit("al_interrupted", signal=signum, in_flight=len(self._in_flight))
+                raise CampaignInterrupted(signum)
             reason = self._stop_reason()
             if reason:
                 break
@@ -178,6 +204,7 @@ class ALScheduler:
             training_rounds=self.training_rounds,
         )
         self.events.emit("al_stop", **result.__dict__)
+        self._notify("stopped")
         return result
 
     def _any(self, *statuses: Status) -> bool:
@@ -204,10 +231,14 @@ class ALScheduler:
             return
         with self.clock.measure("md"):
             step_batch([t.md for t in running], self.committee.committee_forces)
-        unstable = [t for t in running if not _finite(t.md)]
-        for trajectory in unstable:
-            self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step)
-            self._rewind(trajectory)
+        unstable = []
+        for trajectory in running:
+            md = trajectory.md
+            reason = "non-finite" if not _finite(md) else first_instability(trajectory.monitors, md)
+            if reason:
+                unstable.append(trajectory)
+                self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step, reason=reason)
+                self._rewind(trajectory)
         checked = [t for t in running if t not in unstable and t.md.step % self.config.check_every == 0]
         if checked:
             self._check_uncertainty(checked)
@@ -245,31 +276,42 @@ class ALScheduler:
             "origin": "al", "trajectory": trajectory.index, "md_step": trajectory.md.step,
             "uncertainty": delta,
         }
-        workdir = str(self.workdir_root / f"al_{label_id:06d}")
-        future = self.executor.submit(
-            frame, self.reference_spec, workdir, self.faults, seed=self.seed * 1_000_003 + label_id
-        )
-        self._in_flight[label_id] = (trajectory.index, frame, provenance)
         self.events.emit(
             "label_submitted", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
-            delta=delta, threshold=threshold, in_flight=len(self._in_flight),
+            delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1,
         )
-        trajectory.labels_in_flight += 1
         if not self.continues:
             self._set_status(trajectory, Status.WAITING)
-        future.add_done_callback(lambda f, i=trajectory.index, lid=label_id: self._finished.put((i, lid, f)))
+        self.launch(label_id, trajectory.index, frame, provenance)
+        self._notify("submitted")
         if self.config.mode == "serial":
             with self.clock.measure("waiting"):
                 self._take_finished(block=True)
 
+    def launch(self, label_id: int, index: int, frame: Atoms, provenance: dict[str, Any]) -> None:
+        """Send one frame to the reference (also on a retry, and on resume for labels in flight)."""
+        attempt = self.attempts.get(label_id, 0)
+        workdir = str(self.workdir_root / (f"al_{label_id:06d}" + (f"_retry{attempt}" if attempt else "")))
+        self._in_flight[label_id] = (index, frame, provenance)
+        self.trajectories[index].labels_in_flight += 1
+        seed = self.seed * 1_000_003 + label_id + 7919 * attempt  # a retry is a fresh fault draw
+        future = self.executor.submit(frame, self.reference_spec, workdir, self.faults, seed=seed)
+        future.add_done_callback(lambda f, i=index, lid=label_id: self._finished.put((i, lid, f)))
+
     # ------------------------------------------------------------------ labels back
 
     def _take_finished(self, block: bool) -> None:
-        """Handle every finished label; with ``block`` wait for at least one first."""
-        try:
-            item = self._finished.get(block=block)
-        except queue.Empty:
-            return
+        """Handle every finished label; with ``block`` wait for at least one first.
+
+        A blocking wait wakes twice a second to notice a stop request: a DFT label may take hours.
+        """
+        while True:
+            try:
+                item = self._finished.get(block=block, timeout=0.5 if block else None)
+                break
+            except queue.Empty:
+                if not block or self.should_stop():
+                    return
         while True:
             self._handle(*item)
             try:
@@ -284,21 +326,46 @@ class ALScheduler:
         trajectory.labels_in_flight -= 1
         self.clock.add("labelling", outcome.wall_s)
         if isinstance(outcome, LabelFailure):
-            trajectory.labels_failed += 1
+            retry = self.attempts.get(label_id, 0) < self._retries(outcome.kind)
             self.events.emit(
                 "label_failed", label=label_id, trajectory=index, kind=outcome.kind.value,
-                message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir,
+                message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir, retry=retry,
             )
+            if retry:
+                self.attempts[label_id] = self.attempts.get(label_id, 0) + 1
+                self.launch(label_id, index, frame, provenance)
+                self._notify("label")
+                return
+            trajectory.labels_failed += 1
             if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
                 self._rewind(trajectory)
+            self._notify("label")
             return
         stored = self.sink(frame, outcome, provenance)
-        trajectory.labels_done += 1
         self.committee.add(stored)
         self.events.emit(
             "label_done", label=label_id, trajectory=index, split=stored.split,
             wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
         )
+        self._after_stored(trajectory, frame)
+        self._notify("label")
+
+    def _retries(self, kind: FailureKind) -> int:
+        policy = self.config.failures
+        return {FailureKind.CRASHED: policy.crashed_retries, FailureKind.TIMED_OUT: policy.timed_out_retries}.get(
+            kind, 0
+        )
+
+    def adopt(self, label_id: int, index: int, frame: Atoms) -> None:
+        """A label of a checkpoint that was stored before the kill: count it, never store it again.
+
+        The frame is already in the dataset (and in the committee, which is rebuilt from it).
+        """
+        self.events.emit("label_adopted", label=label_id, trajectory=index)
+        self._after_stored(self.trajectories[index], frame)
+
+    def _after_stored(self, trajectory: Trajectory, frame: Atoms) -> None:
+        trajectory.labels_done += 1
         trajectory.checkpoint = frame.copy()
         if self.continues:
             self.training_debt += self.config.max_epochs_per_point
@@ -311,6 +378,10 @@ class ALScheduler:
         while self._in_flight:
             with self.clock.measure("waiting"):
                 self._take_finished(block=True)
+            signum = int(self.should_stop())
+            if signum:
+                self._notify("interrupted")
+                raise CampaignInterrupted(signum)
 
     def _rewind(self, trajectory: Trajectory) -> None:
         """Back to the checkpoint geometry with fresh velocities."""
@@ -344,6 +415,7 @@ class ALScheduler:
             trajectory.epochs_for_point += epochs
             if trajectory.epochs_for_point >= self.config.max_epochs_per_point:
                 self._set_status(trajectory, Status.RUNNING)
+        self._notify("training")
 
     # ------------------------------------------------------------------ progress
 

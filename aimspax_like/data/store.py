@@ -295,6 +295,20 @@ class DatasetStore:
         """Same selection as ``frames``, as ``ase.Atoms`` with REF_* keys (see ``to_atoms``)."""
         return [f.to_atoms() for f in self.frames(split=split, origin=origin, member=member)]
 
+    def keys(self) -> list[tuple[str, int, int]]:
+        """(origin, trajectory, md_step) of every frame: a label's identity within a campaign.
+
+        A resumed campaign asks this before storing a label again (no new column was needed:
+        the three fields exist since format_version 1).
+        """
+        if not self.path.exists():
+            return []
+        with self._reader() as h5:
+            n = int(h5.attrs["n_frames"])
+            origins = h5["origin"].asstr()[:n]
+            return list(zip(origins, (int(t) for t in h5["trajectory"][:n]),
+                            (int(s) for s in h5["md_step"][:n]), strict=True))
+
     def counts(self) -> dict[str, Any]:
         """``{"total": n, "split": {name: n}, "origin": {name: n}}``, every known name present."""
         splits: list[str] = []
