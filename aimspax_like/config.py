@@ -229,6 +229,20 @@ class IDGConfig(_Strict):
         return self
 
 
+class LabelFailurePolicy(_Strict):
+    """What active learning does with a failed label.
+
+    A retry sends the same frame again (a fresh scratch folder, a fresh fault draw): a crash is
+    often the node, not the geometry. A non-converged SCF is never retried (the same geometry
+    with the same settings fails again), and a timed-out label only when asked (each try costs
+    ``reference.timeout_s``). A label whose tries are used up is discarded and its trajectory
+    restarts from its checkpoint geometry. Every failed try is a ``label_failed`` event.
+    """
+
+    crashed_retries: int = Field(1, ge=0, description="Tries after a crash before discarding.")
+    timed_out_retries: int = Field(0, ge=0, description="Tries after a timeout before discarding.")
+
+
 class ALConfig(_Strict):
     """Parallel active learning (Eq. 1, Eq. 2 and the per-trajectory state machine)."""
 
@@ -253,6 +267,11 @@ class ALConfig(_Strict):
         "continue: it samples on while its labels run and training rounds interleave with sampling.",
     )
     labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
+    failures: LabelFailurePolicy = Field(default_factory=LabelFailurePolicy)
+    stability_monitors: bool = Field(
+        False, description="Rewind a trajectory whose bonds tear (> 2 A), atoms fuse (< 0.5 A) or "
+        "temperature runs past 5x its target (non-finite steps are always rewound).",
+    )
     md: MDConfig | list[MDConfig] = Field(default_factory=MDConfig)
 
     @model_validator(mode="after")
