@@ -11,19 +11,23 @@ One step is ``B A T A [barostat] F B``: half kick, half drift, a full-step therm
 drift, the NPT cell rescaling, one force evaluation, half kick. ``T`` is the Ornstein-Uhlenbeck
 step for ``langevin`` (BAOAB, Leimkuhler & Matthews), Bussi's stochastic velocity rescaling
 for ``bussi`` and ``npt_*``, a Nose-Hoover chain for ``nose_hoover`` and nothing for ``nve``
-(which leaves velocity Verlet). Any symmetric splitting of this kind is time-reversible and
-second order, and every ensemble needs exactly one force evaluation per step.
+(which leaves velocity Verlet). The thermostat splitting is symmetric (time-reversible, second
+order); the cell rescaling uses the pressure at the start of the step, first order in the
+barostat as GROMACS' C-rescale is, which is harmless for ``taup >> dt``. Every ensemble needs
+exactly one force evaluation per step.
 
 What stays per trajectory in Python: each stochastic trajectory draws its noise from its own
 generator (so its path does not depend on which other trajectories share the batch, which
 changes whenever a label is in flight), ``ForceFn`` returns one array per structure (the
 scheduler reads each trajectory's member forces for Eq. 1) and the step counter.
 
-Why not torch-sim-atomistic: its integrators advance a batch in one ensemble with one shared
-timestep and call one model through its own model interface, while the scheduler needs mixed
-ensembles and timesteps in one batch, all committee members' forces (not one model's) for the
-uncertainty, and to stop, rewind and relabel single trajectories between steps. The arithmetic
-here is a few vector operations over ``[n_atoms, 3]`` arrays; the model call dominates.
+Why not torch-sim-atomistic (looked at, not used): each of its integrators owns its own state
+class (an NVT Langevin state, an NPT state, ...) and asks one ``ModelInterface`` for forces, so
+a batch mixing ensembles would be several states and several model calls, and the committee
+would have to hide behind one model that returns the mean while the scheduler also needs every
+member's forces (Eq. 1). The scheduler further stops, rewinds and relabels single ASE
+trajectories between steps. The arithmetic here is a few vector operations over
+``[n_atoms, 3]`` arrays; the model call dominates the step, so owning it costs nothing.
 """
 
 from __future__ import annotations
