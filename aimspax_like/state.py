@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from aimspax_like.data.store import fsync_path
 from aimspax_like.errors import SetupError
 
 FORMAT_VERSION = 1
@@ -87,14 +88,6 @@ class StopFlag:
 # --------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +97,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ _LOCK_WAIT_S = 10.0
 _H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Push a file (or directory entry) from the page cache to the disk: power-loss safety."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -124,8 +124,8 @@ class DatasetStore:
                 h5.attrs["n_frames"] = 0
         except OSError as exc:  # e.g. the file appeared in between, or no permission
             raise SetupError(f"{self.path}: cannot create dataset store ({exc})") from None
-        _fsync(self.path)
-        _fsync(self.path.parent)
+        fsync_path(self.path)
+        fsync_path(self.path.parent)
 
     def _check(self, h5: h5py.File) -> None:
         """Refuse anything but a complete format-1 store (callers turn h5py errors into SetupError)."""
@@ -185,7 +185,7 @@ class DatasetStore:
             yield h5
         finally:
             h5.close()
-        _fsync(self.path)
+        fsync_path(self.path)
 
     def append(self, frame: LabelledFrame) -> int:
         """Store one frame durably and return its index."""
