@@ -50,7 +50,18 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
             raise ConfigError("idg.foundation_model", f"model file not found: {model}")
     if config.reference.compute_stress and not all(a.pbc.all() for a in structures):
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
+    if config.model.device == "cuda":
+        check_cuda()
     return structures
+
+
+def check_cuda() -> None:
+    """``model.device: cuda`` on a machine where torch sees no GPU fails here, not mid-campaign."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+        raise ConfigError("model.device", f"cuda asked for but torch sees no GPU ({build}); use auto or cpu")
 
 
 def _read_state(paths: RunPaths) -> dict[str, Any]:

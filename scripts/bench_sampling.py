@@ -3,18 +3,21 @@
 Engine: every trajectory advances with ``step_batch`` driven by ``Committee.committee_forces``
 (one batched ``MACEEnsemble.predict`` per step, chunked as ``atoms_per_call`` says for the
 device). Reference structure (aims-PAX style): each trajectory is an ``ase.md.langevin.Langevin``
-object with an ASE calculator that runs the members one after another on its one structure
-(``MACEEnsemble.to_calculator()``: same graph code, same weights, forces only), stepped one
+object (with ``FixCom``) and an ASE calculator that runs the members one after another on its
+one structure (``MACEEnsemble.to_calculator()``: same graph code, same weights), stepped one
 trajectory after the other. Both sample Langevin MD with the campaign defaults (500 K, 1 fs,
 friction 0.001/fs).
 
-Printed per system and N: trajectory-steps per second of both, their ratio, the batched step
-time, the raw model time inside it (the members' forward+backward on prebuilt graphs of the
-same chunks, timed in turn with the two MD loops) and the graph-building time
-(``GraphBuilder.batch``), so the engine's own overhead, step minus model, is visible.
+Printed per system and N, as medians over the timed steps: trajectory-steps per second of both;
+their ratio (median of the per-step ratios of the two loops, which run back to back in every
+step, with the range); the engine's step time; the raw model-call time inside it (the members'
+forward + force backward, results on the host: ``predict``'s "members" stage) and its graph
+building; and the overhead, (step - model) / model summed over the steps: everything the
+engine does besides calling the members.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sampling.py --quick
-    .venv/bin/python scripts/bench_sampling.py --n 1,4,16,32,64 --steps 5 --device cuda
+    .venv/bin/python scripts/bench_sampling.py --clock process --steps 3 --min-seconds 10    # this CPU
+    .venv/bin/python scripts/bench_sampling.py --device cuda --steps 10                         # a GPU
 """
 
 from __future__ import annotations
@@ -26,17 +29,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one OpenMP pool, 
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mace  # noqa: F401  (first: e3nn needs the torch.load switch mace sets)
 import numpy as np
 import torch
 from ase import Atoms, units
 from ase.build import bulk, molecule
+from ase.constraints import FixCom
 from ase.md.langevin import Langevin
 
 from aimspax_like.committee import Committee
 from aimspax_like.config import MDConfig, ModelConfig, TrainingConfig
 from aimspax_like.models.ensemble import MACEEnsemble, average_neighbors
+from aimspax_like.models.torch_utils import StageTimer
 from aimspax_like.models.training import EnsembleTrainer
 from aimspax_like.sampling.dynamics import MDState, atoms_per_call, chunks, maxwell_boltzmann, step_batch
 
@@ -89,41 +95,27 @@ def build_committee(atoms: Atoms, args: argparse.Namespace) -> Committee:
     return Committee(ensemble, EnsembleTrainer(ensemble, TrainingConfig(), reset_after=2))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def engine(committee: Committee, structures: list[Atoms], md: MDConfig, limit: int | None) -> Callable[[], None]:
-    """One call advances every trajectory by one batched step (the scheduler's hot loop)."""
+def engine(
+    committee: Committee, structures: list[Atoms], md: MDConfig, limit: int | None, timer: StageTimer
+) -> Callable[[], None]:
+    """One call advances every trajectory by one batched step (the scheduler's hot loop); the
+    ensemble's stage timer runs only inside it, so the model time is that of the engine's calls."""
     rng = np.random.default_rng(1)
     states = []
     for k, atoms in enumerate(structures):
         start = atoms.copy()
         start.set_momenta(maxwell_boltzmann(start, md.temperature_K, rng))
         states.append(MDState(start, md, np.random.default_rng(k)))
+    ensemble = committee.ensemble
 
     def advance() -> None:
-        step_batch(states, committee.committee_forces, max_atoms_per_call=limit)
+        ensemble.timer = timer
+        try:
+            step_batch(states, committee.committee_forces, max_atoms_per_call=limit)
+        finally:
+            ensemble.timer = None
 
     return advance
-
-
-def raw_model(ensemble: MACEEnsemble, structures: list[Atoms], limit: int | None) -> tuple[Callable[[], None], float]:
-    """The members' forward+backward alone on prebuilt graphs of the engine's chunks, and the
-    seconds it took to build those graphs."""
-    groups = chunks([MDState(a, MDConfig(), np.random.default_rng(0)) for a in structures], limit)
-    begin = clock()
-    graphs = [ensemble.graphs.batch([s.atoms for s in g], ensemble.device).to_dict() for g in groups]
-    sync(ensemble.device)
-    graph_time = clock() - begin
-
-    def advance() -> None:
-        for graph in graphs:
-            for member in ensemble.members:
-                member(graph, training=False, compute_force=True)["forces"].detach()
-
-    return advance, graph_time
 
 
 def reference(committee: Committee, structures: list[Atoms], md: MDConfig) -> Callable[[], None]:
@@ -133,10 +125,11 @@ def reference(committee: Committee, structures: list[Atoms], md: MDConfig) -> Ca
     for k, atoms in enumerate(structures):
         start = atoms.copy()
         start.set_momenta(maxwell_boltzmann(start, md.temperature_K, rng))
+        start.set_constraint(FixCom())  # the engine's Langevin also keeps the centre of mass still
         start.calc = committee.ensemble.to_calculator()
         dynamics.append(Langevin(
             start, timestep=md.timestep_fs * units.fs, temperature_K=md.temperature_K,
-            friction=md.friction_per_fs / units.fs, fixcm=True, rng=np.random.default_rng(k),
+            friction=md.friction_per_fs / units.fs, fixcm=False, rng=np.random.default_rng(k),
         ))
 
     def advance() -> None:
@@ -147,42 +140,57 @@ def reference(committee: Committee, structures: list[Atoms], md: MDConfig) -> Ca
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
-clock = time.perf_counter
 
 
-def timed(advance: Callable[[], None], device: torch.device) -> float:
-    sync(device)
-    begin = clock()
-    advance()
-    sync(device)
-    return clock() - begin
+@dataclass
+class Timing:
+    """Per-step seconds of the engine (with its model and graph stages) and of the sequential loop."""
+
+    batched: list[float] = field(default_factory=list)
+    model: list[float] = field(default_factory=list)
+    graphs: list[float] = field(default_factory=list)
+    sequential: list[float] = field(default_factory=list)
+
+    def ratios(self) -> np.ndarray:
+        """Paired per-step speed-ups: the two loops ran back to back in each step."""
+        return np.array(self.sequential) / np.array(self.batched)
 
 
-def step_times(loops: list[tuple[Callable[[], None], bool]], steps: int, device: torch.device) -> list[float]:
-    """Seconds per step of each loop, after one warm-up step where asked (MD loops: it also
-    makes their first forces). The loops take turns step by step, each step in a rotated
-    order (and the rotation carries on across calls), so changes in machine load and any
-    first-in-line effect hit them alike."""
-    global _turn
-    for advance, warm_up in loops:
-        if warm_up:
+def measure(
+    batched: Callable[[], None], sequential: Callable[[], None] | None, timer: StageTimer,
+    clock: Callable[[], float], steps: int, min_seconds: float,
+) -> Timing:
+    """At least ``steps`` paired steps, more until the engine has run ``min_seconds``, after one
+    warm-up step each (which also makes their first forces). The loops alternate which goes first
+    from step to step, so load changes and first-in-line effects hit both alike."""
+    loops = [batched] + ([sequential] if sequential else [])
+    for advance in loops:
+        advance()
+    timing = Timing()
+    while len(timing.batched) < steps or sum(timing.batched) < min_seconds:
+        order = loops if len(timing.batched) % 2 == 0 else loops[::-1]
+        for advance in order:
+            timer.reset()
+            timer.sync()
+            begin = clock()
             advance()
-    totals = [0.0] * len(loops)
-    for _ in range(steps):
-        order = [(k + _turn) % len(loops) for k in range(len(loops))]
-        _turn += 1
-        for k in order:
-            totals[k] += timed(loops[k][0], device)
-    return [t / steps for t in totals]
-
-
-_turn = 0
+            timer.sync()
+            elapsed = clock() - begin
+            if advance is batched:
+                timing.batched.append(elapsed)
+                timing.model.append(timer.totals["members"])
+                timing.graphs.append(timer.totals["graphs"])
+            else:
+                timing.sequential.append(elapsed)
+    return timing
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="1,4,16,32,64", help="Comma-separated trajectory counts.")
-    parser.add_argument("--steps", type=int, default=5, help="Timed MD steps per measurement.")
+    parser.add_argument("--steps", type=int, default=5, help="Least number of timed MD steps per measurement.")
+    parser.add_argument("--min-seconds", type=float, default=0.0,
+                        help="Keep stepping until the engine's timed steps add up to this (cheap cases get more).")
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--max-L", dest="max_L", type=int, default=1)
@@ -203,18 +211,35 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+HEADER = (f"{'system':8} {'atoms':>5} {'N':>3} {'per call':>8} {'steps':>5} {'seq steps/s':>11} "
+          f"{'batch steps/s':>13} {'ratio':>6} {'(min-max)':>11} {'step ms':>9} {'model ms':>9} "
+          f"{'graphs ms':>9} {'overhead':>8}")
+
+
+def row(name: str, atoms: int, n: int, per_call: int, t: Timing) -> str:
+    """Medians over the timed steps; ratio: median of the paired per-step ratios (with their range);
+    overhead: engine step time beyond its model calls, relative to the model calls."""
+    step, model, graphs = (float(np.median(x)) for x in (t.batched, t.model, t.graphs))
+    overhead = (sum(t.batched) - sum(t.model)) / sum(t.model)
+    if t.sequential:
+        ratios = t.ratios()
+        seq_rate = f"{n / float(np.median(t.sequential)):11.2f}"
+        ratio = f"{float(np.median(ratios)):6.2f} {f'({ratios.min():.2f}-{ratios.max():.2f})':>11}"
+    else:
+        seq_rate, ratio = f"{'-':>11}", f"{'-':>6} {'':>11}"
+    return (f"{name:8} {atoms:5d} {n:3d} {per_call:8d} {len(t.batched):5d} {seq_rate} {n / step:13.2f} {ratio} "
+            f"{1e3 * step:9.1f} {1e3 * model:9.1f} {1e3 * graphs:9.1f} {overhead:8.0%}")
+
+
 def main() -> None:
-    global clock
     args = parse_args()
     clock = CLOCKS[args.clock]
     counts = [int(n) for n in args.n.split(",")]
     md = MDConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model {args.channels} channels, "
           f"max_L {args.max_L}, r_max {args.r_max}, {args.dtype}, {args.members} members; Langevin "
-          f"{md.temperature_K:g} K, {md.timestep_fs:g} fs; {args.steps} timed steps, {args.clock} clock; "
-          "steps/s = trajectory-steps/s")
-    header = (f"{'system':9} {'atoms':>5} {'N':>3} {'chunk':>5} {'seq steps/s':>11} {'batch steps/s':>13} "
-              f"{'ratio':>6} {'step ms':>9} {'model ms':>9} {'graphs ms':>9} {'overhead':>8}")
+          f"{md.temperature_K:g} K, {md.timestep_fs:g} fs; >= {args.steps} timed steps (>= {args.min_seconds:g} s), "
+          f"{args.clock} clock; steps/s = trajectory-steps/s")
     for name in args.systems.split(","):
         atoms = SYSTEMS[name]()
         committee = build_committee(atoms, args)
@@ -223,19 +248,18 @@ def main() -> None:
             limit = atoms_per_call(str(device))
         else:
             limit = None if args.chunk_atoms == "none" else int(args.chunk_atoms)
-        print(f"\n{name}: {len(atoms)} atoms, device {device}, chunk {limit or 'all'} atoms per call")
-        print(header)
+        timer = StageTimer(device, clock)
+        print(f"\n{name}: {len(atoms)} atoms, device {device}, {limit or 'all'} atoms per call at most")
+        print(HEADER)
         for n in counts:
             structures = replicas(atoms, n)
-            model_loop, graphs = raw_model(committee.ensemble, structures, limit)
-            loops = [(engine(committee, structures, md, limit), True), (model_loop, False)]
-            if not args.no_sequential:
-                loops.append((reference(committee, structures, md), True))
-            batched, model, sequential = [*step_times(loops, args.steps, device), float("nan")][:3]
+            sequential = None if args.no_sequential else reference(committee, structures, md)
+            timing = measure(
+                engine(committee, structures, md, limit, timer), sequential, timer, clock, args.steps,
+                args.min_seconds,
+            )
             per_call = max(len(g) for g in chunks([MDState(a, md, None) for a in structures], limit))
-            print(f"{name:9} {len(atoms):5d} {n:3d} {per_call:5d} {n / sequential:11.2f} {n / batched:13.2f} "
-                  f"{sequential / batched:6.2f} {1e3 * batched:9.1f} {1e3 * model:9.1f} {1e3 * graphs:9.1f} "
-                  f"{(batched - model) / batched:8.0%}", flush=True)
+            print(row(name, len(atoms), n, per_call, timing), flush=True)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,15 @@ BAD_INPUTS = [
     ("idg.foundation_model", "no/such/model.model", "no/such/model.model"),
     ("model.seeds", [1, 2], "model"),
     ("reference.compute_stress", True, "reference.compute_stress"),  # molecule, no cell
+    ("model.device", "cuda", "model.device"),  # torch is told below that it sees no GPU
 ]
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), BAD_INPUTS, ids=[f"{k}={v}" for k, v, _ in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, key, value, expected):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, key, value, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = _set(_base(tmp_path), key, value)
     if expected == "Li":
         write(tmp_path / "water.xyz", molecule("LiF"))

@@ -100,6 +100,29 @@ def test_batched_prediction_equals_one_structure_at_a_time(ensemble):
         np.testing.assert_allclose(batched.energies[:, i], alone.energies[:, 0], rtol=0, atol=1e-10)
 
 
+def test_stage_timer_splits_predict_into_graphs_and_member_calls(ensemble):
+    """The benchmark's overhead column rests on this: an attached timer sees every predict call
+    in two stages, a detached one sees nothing, and the results do not change."""
+    from aimspax_like.models.torch_utils import StageTimer
+
+    systems = mixed_systems()
+    plain = ensemble.predict(systems)
+    ticks = iter(range(1000))
+    timer = StageTimer("cpu", clock=lambda: float(next(ticks)))  # every reading one "second" later
+    ensemble.timer = timer
+    try:
+        timed = ensemble.predict(systems)
+        ensemble.predict(systems[:1])
+    finally:
+        ensemble.timer = None
+    ensemble.predict(systems)
+    np.testing.assert_array_equal(timed.forces, plain.forces)
+    assert dict(timer.calls) == {"graphs": 2, "members": 2}
+    assert timer.totals["graphs"] == timer.totals["members"] == 2.0
+    timer.reset()
+    assert not timer.totals and not timer.calls
+
+
 def test_members_with_different_seeds_disagree(ensemble):
     forces = ensemble.predict(mixed_systems()).forces
     for a in range(3):

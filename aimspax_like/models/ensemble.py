@@ -26,7 +26,14 @@ from mace.tools import AtomicNumberTable
 from aimspax_like.config import ModelConfig
 from aimspax_like.models.graphs import GraphBuilder
 from aimspax_like.models.stats import atomic_energies_from_data, average_neighbors, force_scale
-from aimspax_like.models.torch_utils import default_dtype, quiet_torchscript, resolve_device, resolve_dtype
+from aimspax_like.models.torch_utils import (
+    StageTimer,
+    default_dtype,
+    no_timer,
+    quiet_torchscript,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = [
     "EnsembleCalculator",
@@ -154,6 +161,9 @@ class MACEEnsemble:
         if len(self.seeds) != len(self.members):
             raise ValueError(f"{len(self.seeds)} seeds for {len(self.members)} members")
         self.graphs = GraphBuilder(z_table, self.r_max, self.dtype)
+        # Optional profiler of ``predict``: stages "graphs" (neighbour lists, batch, transfer)
+        # and "members" (forward + force backward of every member, results back on the host).
+        self.timer: StageTimer | None = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -226,12 +236,15 @@ class MACEEnsemble:
         if not atoms_list:
             raise ValueError("predict needs at least one structure")
         chosen = list(range(len(self.members))) if members is None else list(members)
-        batch = self.graphs.batch(atoms_list, self.device, cache=False)
+        timer = self.timer or no_timer
+        with timer("graphs"):
+            graph = self.graphs.batch(atoms_list, self.device, cache=False).to_dict()
         energies, forces = [], []
-        for k in chosen:
-            out = self.members[k](batch.to_dict(), training=False, compute_force=True)
-            energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
-            forces.append(out["forces"].detach().cpu().numpy().astype(np.float64))
+        with timer("members"):
+            for k in chosen:
+                out = self.members[k](graph, training=False, compute_force=True)
+                energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
+                forces.append(out["forces"].detach().cpu().numpy().astype(np.float64))
         system_idx = np.repeat(np.arange(len(atoms_list)), [len(a) for a in atoms_list])
         return EnsemblePrediction(np.stack(energies), np.stack(forces), system_idx)
 
