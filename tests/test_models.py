@@ -100,6 +100,27 @@ def test_batched_prediction_equals_one_structure_at_a_time(ensemble):
         np.testing.assert_allclose(batched.energies[:, i], alone.energies[:, 0], rtol=0, atol=1e-10)
 
 
+def test_md_graphs_equal_maces_own_pipeline_key_by_key(ensemble):
+    """The lean MD path must hand the members exactly what mace's collation would: same edges in
+    the same order, same shifts and cells (periodic, partly periodic, not periodic), same dtype."""
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=4.0)  # periodic in x and y only
+    slab.positions += np.random.default_rng(3).normal(scale=0.05, size=slab.positions.shape)
+    frames = [*mixed_systems(), slab, mixed_systems()[0]]  # a repeated composition reuses its one-hot rows
+    lean = ensemble.graphs.md_batch(frames, ensemble.device)
+    full = ensemble.graphs.batch(frames, ensemble.device, cache=False).to_dict()
+    assert set(lean) <= set(full)
+    for key, tensor in lean.items():
+        assert tensor.dtype == full[key].dtype, key
+        assert torch.equal(tensor, full[key]), key
+    assert lean["edge_index"].shape[1] > 0 and not lean["edge_index"].requires_grad
+    for member in ensemble.members:  # and the members' outputs agree to the last bit
+        ours = member(ensemble.graphs.md_batch(frames, ensemble.device), training=False, compute_force=True)
+        theirs = member(full, training=False, compute_force=True)
+        assert torch.equal(ours["forces"], theirs["forces"]) and torch.equal(ours["energy"], theirs["energy"])
+
+
 def test_stage_timer_splits_predict_into_graphs_and_member_calls(ensemble):
     """The benchmark's overhead column rests on this: an attached timer sees every predict call
     in two stages, a detached one sees nothing, and the results do not change."""

@@ -238,7 +238,7 @@ class MACEEnsemble:
         chosen = list(range(len(self.members))) if members is None else list(members)
         timer = self.timer or no_timer
         with timer("graphs"):
-            graph = self.graphs.batch(atoms_list, self.device, cache=False).to_dict()
+            graph = self.graphs.md_batch(atoms_list, self.device)
         energies, forces = [], []
         with timer("members"):
             for k in chosen:
