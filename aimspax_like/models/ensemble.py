@@ -82,7 +82,8 @@ class EnsemblePrediction:
         """All members' forces on one system, ``[M, n_atoms(system), 3]``."""
         if not 0 <= system < self.n_systems:
             raise IndexError(f"system {system} out of range for {self.n_systems} systems")
-        return self.forces[:, self.system_idx == system, :]
+        start, stop = np.searchsorted(self.system_idx, [system, system + 1])  # atoms are in system order
+        return self.forces[:, start:stop, :]
 
 
 def hidden_irreps(channels: int, max_L: int) -> str:
@@ -239,14 +240,14 @@ class MACEEnsemble:
         timer = self.timer or no_timer
         with timer("graphs"):
             graph = self.graphs.md_batch(atoms_list, self.device)
-        energies, forces = [], []
         with timer("members"):
-            for k in chosen:
-                out = self.members[k](graph, training=False, compute_force=True)
-                energies.append(out["energy"].detach().cpu().numpy().astype(np.float64))
-                forces.append(out["forces"].detach().cpu().numpy().astype(np.float64))
+            # Results stay on the device until every member has run: one copy to the host at
+            # the end, so a GPU is never idle waiting for a transfer between two members.
+            outputs = [self.members[k](graph, training=False, compute_force=True) for k in chosen]
+            energies = torch.stack([out["energy"].detach() for out in outputs]).cpu().numpy().astype(np.float64)
+            forces = torch.stack([out["forces"].detach() for out in outputs]).cpu().numpy().astype(np.float64)
         system_idx = np.repeat(np.arange(len(atoms_list)), [len(a) for a in atoms_list])
-        return EnsemblePrediction(np.stack(energies), np.stack(forces), system_idx)
+        return EnsemblePrediction(energies, forces, system_idx)
 
     def to_calculator(self, member: int | None = None) -> EnsembleCalculator:
         """An ASE calculator of the committee mean (``member=None``) or of one member."""

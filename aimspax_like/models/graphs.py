@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
 import numpy as np
@@ -28,6 +29,7 @@ from mace.data.neighborhood import get_neighborhood
 from mace.tools import AtomicNumberTable, torch_geometric
 
 from aimspax_like.errors import SetupError
+from aimspax_like.models.neighbours import MAX_ATOMS, image_ranges, neighbour_lists
 from aimspax_like.models.torch_utils import default_dtype
 
 # The training-data convention of the whole engine (same names as mace's DefaultKeys).
@@ -36,6 +38,23 @@ KEYS = mace_data.KeySpecification(
     arrays_keys={"forces": "REF_forces"},
 )
 HEADS = ["Default"]
+
+
+def mace_cell(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], cutoff: float) -> np.ndarray:
+    """The cell mace's ``get_neighborhood`` returns (and its graphs carry): a zero cell becomes
+    the identity, and each non-periodic axis a vector far beyond every atom."""
+    cell = np.identity(3) if not cell.any() else cell.copy()
+    reach = (np.max(np.abs(positions)) + 1) * 5 * cutoff
+    for a in range(3):
+        if not pbc[a]:
+            cell[a] = reach * np.identity(3)[a]
+    return cell
+
+
+def cell_offsets(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool]) -> np.ndarray:
+    """Whole cells each atom lies away from the home cell, per periodic axis (0 elsewhere)."""
+    fractional = np.linalg.solve(cell.T, positions.T).T
+    return np.floor(fractional) * np.asarray(pbc, dtype=float)
 
 
 def frame_key(atoms: Atoms) -> bytes:
@@ -113,29 +132,43 @@ class GraphBuilder:
         data_list = self.graphs(frames, cache=cache)
         return torch_geometric.Batch.from_data_list(data_list).to(device)
 
-    def md_batch(self, frames: Sequence[Atoms], device: torch.device) -> dict[str, torch.Tensor]:
+    def md_batch(
+        self, frames: Sequence[Atoms], device: torch.device, neighbours: Literal["host", "device"] | None = None
+    ) -> dict[str, torch.Tensor]:
         """All frames as one disjoint-union graph, in the form a member's ``forward`` reads.
 
-        Equal, key by key, to ``batch(frames, device).to_dict()`` for the keys MACE's forward
-        uses (node_attrs, positions, edge_index, shifts, unit_shifts, cell, batch, ptr, head);
-        labels and loss weights, which MD frames do not have, are left out.
+        ``neighbours``: where the neighbour search runs; by default on the device when that is
+        a GPU (``models.neighbours``, for frames of up to ``MAX_ATOMS`` atoms), else on the host
+        with mace's ``get_neighborhood``. The host path is equal, key by key, to
+        ``batch(frames, device).to_dict()`` for the keys MACE's forward uses (node_attrs,
+        positions, edge_index, shifts, unit_shifts, cell, batch, ptr, head); the device path
+        finds the same edges in another order. Labels and loss weights, which MD frames do not
+        have, are left out.
         """
-        positions, edges, shifts, unit_shifts, cells, one_hots = [], [], [], [], [], []
-        offset = 0
-        for atoms in frames:
-            xyz = np.asarray(atoms.positions, dtype=float)
-            edge_index, shift, unit_shift, cell = get_neighborhood(
-                positions=xyz, cutoff=self.r_max, pbc=tuple(bool(p) for p in atoms.pbc),
-                cell=np.array(atoms.cell, dtype=float),
-            )
-            positions.append(xyz)
-            edges.append(edge_index + offset)
-            shifts.append(shift)
-            unit_shifts.append(unit_shift)
-            cells.append(cell)
-            one_hots.append(self._node_attrs(atoms))
-            offset += len(atoms)
+        on_device = device.type == "cuda" if neighbours is None else neighbours == "device"
         sizes = [len(atoms) for atoms in frames]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        positions = [np.asarray(atoms.positions, dtype=float) for atoms in frames]
+        pbcs = [tuple(bool(p) for p in atoms.pbc) for atoms in frames]
+        cells = [np.array(atoms.cell, dtype=float) for atoms in frames]
+        edges, shifts, unit_shifts = [], [], []
+        searched = set()
+        if on_device:
+            cells = [mace_cell(x, c, p, self.r_max) for x, c, p in zip(positions, cells, pbcs, strict=True)]
+            searched = {k for k, n in enumerate(sizes) if n <= MAX_ATOMS}
+            for edge_index, shift, unit_shift in self._device_edges(positions, cells, pbcs, starts, searched, device):
+                edges.append(edge_index)
+                shifts.append(shift)
+                unit_shifts.append(unit_shift)
+        for k in range(len(frames)):
+            if k in searched:
+                continue
+            edge_index, shift, unit_shift, cells[k] = get_neighborhood(
+                positions=positions[k], cutoff=self.r_max, pbc=pbcs[k], cell=cells[k]
+            )
+            edges.append(torch.from_numpy(edge_index + starts[k]).to(device))
+            shifts.append(torch.from_numpy(shift).to(device))
+            unit_shifts.append(torch.from_numpy(unit_shift).to(device))
 
         def real(arrays: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.concatenate(arrays)).to(device=device, dtype=self.dtype)
@@ -145,15 +178,50 @@ class GraphBuilder:
 
         return {
             "positions": real(positions),
-            "node_attrs": real(one_hots),
-            "edge_index": index(np.concatenate(edges, axis=1)),
-            "shifts": real(shifts),
-            "unit_shifts": real(unit_shifts),
+            "node_attrs": real([self._node_attrs(atoms) for atoms in frames]),
+            "edge_index": torch.cat(edges, dim=1).to(torch.int64),
+            "shifts": torch.cat(shifts).to(self.dtype),
+            "unit_shifts": torch.cat(unit_shifts).to(self.dtype),
             "cell": real(cells),
             "batch": index(np.repeat(np.arange(len(frames)), sizes)),
-            "ptr": index(np.concatenate([[0], np.cumsum(sizes)])),
+            "ptr": index(starts),
             "head": index(np.zeros(len(frames))),
         }
+
+    def _device_edges(
+        self,
+        positions: list[np.ndarray],
+        cells: list[np.ndarray],
+        pbcs: list[tuple[bool, ...]],
+        starts: np.ndarray,
+        chosen: set[int],
+        device: torch.device,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Edges of the chosen frames, searched on ``device`` in groups of equal size and pbc.
+
+        MD does not wrap positions, and atoms that wandered cells away would widen the image
+        range (the cost is cubic in it), so the search runs on positions wrapped into the cell,
+        ``r = w + n @ cell``, and each image is mapped back: ``S = S_w - n_j + n_i``.
+        """
+        groups: dict[tuple[int, tuple[bool, ...]], list[int]] = {}
+        for k in sorted(chosen):
+            groups.setdefault((len(positions[k]), pbcs[k]), []).append(k)
+        for (_, pbc), members in groups.items():
+            wraps = [cell_offsets(positions[k], cells[k], pbc) for k in members]
+            wrapped = [positions[k] - n @ cells[k] for k, n in zip(members, wraps, strict=True)]
+            ranges = np.max(
+                [image_ranges(w, cells[k], pbc, self.r_max) for k, w in zip(members, wrapped, strict=True)], axis=0
+            )
+            cell = torch.from_numpy(np.stack([cells[k] for k in members])).to(device)
+            xyz = torch.from_numpy(np.stack(wrapped)).to(device)
+            found, unit_shift = neighbour_lists(xyz, cell, ranges, self.r_max)
+            which, i, j = found.unbind(dim=1)
+            offsets = torch.from_numpy(np.stack(wraps)).to(device)  # [group, atoms, 3]
+            unit_shift = unit_shift - offsets[which, j] + offsets[which, i]
+            first_atom = torch.from_numpy(starts[members]).to(device)[which]
+            edge_index = torch.stack([first_atom + i, first_atom + j])
+            shift = torch.einsum("ea,eab->eb", unit_shift, cell[which])
+            yield edge_index, shift, unit_shift
 
     def _node_attrs(self, atoms: Atoms) -> np.ndarray:
         """One-hot element rows of a frame; MD keeps its atoms, so each sequence is built once."""
