@@ -136,6 +136,7 @@ class ALScheduler:
         self.trajectories: list[Trajectory] = []
         self._finished: queue.Queue[tuple[int, int, Future]] = queue.Queue()
         self._in_flight: dict[int, tuple[int, Atoms, dict[str, Any]]] = {}
+        self._withholding = False  # a label was held back because the training set is (nearly) full
         self._next_label = 0
         self.training_rounds = 0
         self.continues = config.while_labelling == "continue"
@@ -265,6 +266,16 @@ class ALScheduler:
     def _may_submit(self, trajectory: Trajectory) -> bool:
         if len(self._in_flight) >= self.max_in_flight or trajectory.status != Status.RUNNING:
             return False
+        if self.train_set_size() + len(self._in_flight) >= self.config.max_train_set_size:
+            # Labels in flight may all land in the training set and fill it: another one
+            # could only be reference time spent past the stop. (Should some of them be
+            # validation points or fail, the next check submits again.) Logged once per stretch.
+            if not self._withholding:
+                self._withholding = True
+                self.events.emit("label_withheld", trajectory=trajectory.index, step=trajectory.md.step,
+                                 in_flight=len(self._in_flight), train_size=self.train_set_size())
+            return False
+        self._withholding = False
         return trajectory.labels_in_flight < self.config.labels_per_trajectory
 
     def _submit(self, trajectory: Trajectory, delta: float, threshold: float) -> None:

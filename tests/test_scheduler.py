@@ -279,3 +279,24 @@ def test_continue_policy_samples_on_while_own_labels_run(tmp_path):
 def test_several_labels_per_trajectory_need_continue():
     with pytest.raises(ValueError, match="while_labelling"):
         ALConfig(labels_per_trajectory=2)
+
+
+def test_no_label_is_submitted_past_the_training_set_cap(tmp_path):
+    """Six trajectories, uncertain every check, slow labels: without a stop-aware submission up
+    to six labels would be in flight when the cap of 3 is reached, each a wasted reference call."""
+    config = ALConfig(num_trajectories=6, check_every=1, warmup=1, c_x=0.0, max_train_set_size=3,
+                      max_md_steps=400, md=MDConfig(temperature_K=300))
+    committee = SpreadCommittee()
+    scheduler, executor, events, stored = _make(tmp_path, config, faults={"delay_s": 0.3}, committee=committee,
+                                                workers=6)
+    for seed in range(6):
+        scheduler.add_trajectory(_cluster(seed))
+    with executor:
+        result = scheduler.run()
+    events.close()
+    log = read_events(tmp_path / "events.jsonl")
+    submitted = [e for e in log if e["event"] == "label_submitted"]
+    assert result.reason == "max_train_set_size"
+    assert len(stored) == len(submitted) == 3
+    assert max(e["in_flight"] for e in submitted) == 3  # parallel up to the cap, not beyond
+    assert any(e["event"] == "label_withheld" for e in log)
