@@ -238,17 +238,14 @@ class ParslLabelExecutor(LabelExecutor):
         A 'slurm' kind overrides this with another provider and address.
         """
         from parsl.executors import HighThroughputExecutor
-        from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
         from parsl.providers import LocalProvider
 
-        pool = "parsl.executors.high_throughput.process_worker_pool"
-        pool_args = DEFAULT_LAUNCH_CMD.split(" ", 1)[1]  # everything after 'process_worker_pool.py'
         return HighThroughputExecutor(
             label=self.LABEL,
             address="127.0.0.1",
             loopback_address="127.0.0.1",
-            launch_cmd=f"{shlex.quote(sys.executable)} -m {pool} {pool_args}",
-            interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
+            launch_cmd=_worker_pool_command(sys.executable),
+            interchange_launch_cmd=INTERCHANGE_COMMAND,
             max_workers_per_node=self.cluster.max_workers,
             cores_per_worker=self.cluster.cores_per_worker,
             heartbeat_period=self.heartbeat[0],
@@ -373,6 +370,10 @@ class ParslLabelExecutor(LabelExecutor):
         dfk.cleanup()
         for handler in handlers:
             handler.close()
+
+
+# Parsl's interchange, run under a guard that ends it when the driver dies (no orphaned pools).
+INTERCHANGE_COMMAND = [sys.executable, "-m", "aimspax_like.interchange_guard"]
 
 
 def _worker_pool_command(python: str) -> str:
@@ -631,7 +632,7 @@ class SlurmLabelExecutor(ParslLabelExecutor):
             address=self.address(),
             loopback_address="127.0.0.1",
             launch_cmd=_worker_pool_command(executor.worker_python or sys.executable),
-            interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
+            interchange_launch_cmd=INTERCHANGE_COMMAND,
             max_workers_per_node=executor.workers_per_node,
             cores_per_worker=executor.cores_per_worker,
             heartbeat_period=self.heartbeat[0],

@@ -197,3 +197,57 @@ def test_worker_lost_for_good_becomes_a_crashed_failure(
     assert isinstance(outcome, LabelFailure)
     assert outcome.kind is FailureKind.CRASHED
     assert "worker" in outcome.message
+
+
+_ORPHAN_DRIVER = """
+import os, signal, sys
+from aimspax_like.config import LocalCluster
+from aimspax_like.execution import ParslLabelExecutor
+executor = ParslLabelExecutor(LocalCluster(max_workers=1), sys.argv[1], heartbeat_period=1, heartbeat_threshold=4)
+executor.start()
+assert executor.wait_ready(60)
+print(executor._htex.interchange_proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind: a node failure, an OOM kill
+"""
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_driver_leaves_no_interchange_or_worker_pool_behind(tmp_path: Path) -> None:
+    """Parsl's interchange outlives a SIGKILLed driver and keeps its worker pool (and on SLURM
+    the allocation) alive; the interchange guard ends it, and the pool follows on heartbeat."""
+    run_dir = tmp_path / "killed_driver"
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:  # a file, not a pipe: orphans holding a pipe would hang the test
+        code = subprocess.run([sys.executable, "-c", _ORPHAN_DRIVER, str(run_dir)], stdout=out, stderr=out,
+                              timeout=120).returncode
+    assert code == -9, log.read_text()[-2000:]
+    interchange = int(log.read_text().split()[0])
+    pools = [p for p in _processes_mentioning(str(run_dir)) if p != interchange]
+    assert pools  # the worker pool outlives the driver at first, as on a real cluster
+    deadline = time.monotonic() + 10
+    while _alive(interchange) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(interchange), "the interchange outlived its driver"
+    deadline = time.monotonic() + 30  # heartbeat threshold 4 s, plus the pool's own shutdown
+    while any(map(_alive, pools)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in pools if _alive(p)], "a worker pool outlived its interchange"
