@@ -30,11 +30,13 @@ from aimspax_like.sampling.state import (
 
 AtomsPerCall = int | None | Literal["auto"]
 
-# Measured on this project's 2-core CPU with the paper's model (32 channels, max_L 1, r_max 6):
-# the per-atom cost of one call falls until ~40 atoms (per-call overhead), stays flat up to
-# ~5-8k graph edges (four 16-atom Cu cells, two 99-atom molecular clusters) and then rises by
-# 20-60 % per structure at 10-40k edges as the edge tensors outgrow the cache. So a CPU gets
-# chunks of about this many atoms; a GPU gets every structure in one call.
+# Measured on this project's 2-core CPU with the paper's model (32 channels, max_L 1, r_max 6,
+# one thread, 4 members): the cost per structure of one call falls while the call's fixed
+# overhead is shared (9-atom ethanol: 129 ms alone, 44-49 ms in calls of 8-16 molecules, 56-58
+# ms in calls of 32-64), and rises once a call's edge tensors outgrow the cache (a 99-atom
+# cluster, 4.1k edges: 874 ms alone, 934 in pairs, 1146 in fours; a 160-atom Cu cell, 12.5k
+# edges: 3.1 s alone, 3.9 s in pairs). So a CPU gets chunks of about this many atoms (and a
+# larger structure a call of its own); a GPU gets every structure in one call.
 CPU_ATOMS_PER_CALL = 64
 
 
