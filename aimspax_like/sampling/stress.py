@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import mace  # noqa: F401  (first: e3nn needs the torch.load switch mace sets)
 import numpy as np
+import torch
 from ase import Atoms
 
 from aimspax_like.models.ensemble import MACEEnsemble
@@ -21,12 +22,14 @@ from aimspax_like.sampling.state import StressFn
 
 def member_stresses(ensemble: MACEEnsemble, structures: Sequence[Atoms]) -> list[np.ndarray]:
     """``[n_members, 3, 3]`` stress per structure (ASE convention, eV/A^3, potential part)."""
-    batch = ensemble.graphs.batch(structures, ensemble.device, cache=False)
-    per_member = []
-    for member in ensemble.members:
-        out = member(batch.to_dict(), training=False, compute_force=True, compute_stress=True)
-        per_member.append(out["stress"].detach().cpu().numpy().astype(np.float64))
-    stacked = np.stack(per_member)  # [M, S, 3, 3]
+    graph = ensemble.graphs.md_batch(structures, ensemble.device)
+    # MACE's stress pass replaces the dict's positions and shifts with displaced ones, so each
+    # member gets its own (shallow) copy of the dict; the tensors themselves are shared.
+    stresses = [
+        member(dict(graph), training=False, compute_force=True, compute_stress=True)["stress"].detach()
+        for member in ensemble.members
+    ]
+    stacked = torch.stack(stresses).cpu().numpy().astype(np.float64)  # [M, S, 3, 3], one copy to the host
     return [stacked[:, s] for s in range(len(structures))]
 
 
