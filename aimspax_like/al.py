@@ -12,6 +12,7 @@ the number of AL frames in the dataset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ase import Atoms
@@ -20,30 +21,58 @@ from aimspax_like.committee import Committee
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
+from aimspax_like.label_gate import EnergyGate
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.scheduler import ALScheduler
 from aimspax_like.state import AL_CHECKPOINT, Checkpointer, load_checkpoint, restore_scheduler
 
 
-def _monitors(start: Atoms, md: Any) -> list[Any]:
-    from aimspax_like.sampling.monitors import default_monitors
+def _guards(guards_config: Any) -> Callable[[Atoms, Any], list[Any]]:
+    from aimspax_like.guards import build_guards
 
-    return default_monitors(start, md.temperature_K)
+    return lambda start, md: build_guards(start, md.temperature_K, guards_config)
+
+
+def _energy_gate(ctx: RunContext) -> EnergyGate | None:
+    """The gate, primed with every accepted label so far (IDG frames and earlier AL labels)."""
+    limit = ctx.config.al.guards.energy_outlier
+    if limit is None:
+        return None
+    gate = EnergyGate(limit)
+    for frame in ctx.store.frames():
+        if frame.split in ("train", "valid"):
+            gate.add(frame.numbers, frame.energy)
+    return gate
 
 
 def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     config = ctx.config.al
-    splits = SplitCounter(config.valid_ratio, start=ctx.store.counts()["origin"]["al"])
+    al_frames = ctx.store.frames(origin="al")
+    splits = SplitCounter(config.valid_ratio, start=sum(f.split in ("train", "valid") for f in al_frames))
 
     def sink(atoms: Atoms, result: LabelResult, provenance: dict[str, Any]) -> LabelledFrame:
-        return ctx.store_label(atoms, result, splits.next(), **provenance)
+        provenance = dict(provenance)
+        held, release = provenance.pop("held", False), provenance.pop("release", False)
+        if release:
+            return ctx.release_label("al", provenance["trajectory"], provenance["md_step"], splits.next())
+        return ctx.store_label(atoms, result, "held" if held else splits.next(), **provenance)
 
+    if ctx.train_size() >= config.max_train_set_size:
+        ctx.warn(f"the training set already holds {ctx.train_size()} frames, at or above "
+                 f"al.max_train_set_size ({config.max_train_set_size}): active learning labels nothing; "
+                 "raise al.max_train_set_size (IDG frames count towards it)",
+                 key="al.max_train_set_size")
     scheduler = ALScheduler(
         config, committee, ctx.executor, sink, ctx.events, ctx.reference_spec, ctx.paths.labels,
         train_set_size=ctx.train_size, faults=ctx.faults, clock=ctx.clock, seed=ctx.config.seed,
         on_progress=ctx.on_progress, should_stop=ctx.should_stop,
-        monitors=_monitors if config.stability_monitors else None,
+        guards=_guards(config.guards), energy_gate=_energy_gate(ctx), trust_factor=config.guards.trust_factor,
     )
+    scheduler.held = [
+        (f.to_atoms(), LabelResult(f.energy, f.forces, f.stress, None, 0.0),
+         {"origin": "al", "trajectory": f.trajectory, "md_step": f.md_step, "uncertainty": f.uncertainty})
+        for f in al_frames if f.split == "held"
+    ]
     for k in range(config.num_trajectories):
         scheduler.add_trajectory(ctx.structures[k % len(ctx.structures)])
     checkpoint = ctx.paths.state / AL_CHECKPOINT
@@ -59,4 +88,4 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     result = scheduler.run()
     committee.save(ctx.paths.models)
     ctx.events.emit("phase_end", phase="al", reason=result.reason)
-    return {**result.__dict__, "threshold": scheduler.threshold.value}
+    return {**result.__dict__, "threshold": scheduler.threshold.value, "held": len(scheduler.held)}

@@ -121,6 +121,23 @@ class RunContext:
         )
         return frame
 
+    def release_label(self, origin: str, trajectory: int, md_step: int, split: str) -> LabelledFrame:
+        """A held label joins ``split`` (durably: the store's split column is rewritten)."""
+        index = self.store.index_of(origin, trajectory, md_step)
+        self.store.set_split(index, split)
+        self.split_counts["held"] = self.split_counts.get("held", 0) - 1
+        self.split_counts[split] = self.split_counts.get(split, 0) + 1
+        frame = self.store.frames()[index]
+        self.events.emit("frame_released", index=index, split=split, origin=origin, trajectory=trajectory)
+        return frame
+
+    def warn(self, message: str, **fields: Any) -> None:
+        """Something the user must see even without reading the log: stderr and a ``warning`` event."""
+        import sys
+
+        self.events.emit("warning", message=message, **fields)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def train_size(self) -> int:
         return self.split_counts.get("train", 0)
 

@@ -46,9 +46,10 @@ from ase import Atoms
 from aimspax_like.config import ALConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.events import EventLog, WallClock
+from aimspax_like.guards import Guard, first_failure
+from aimspax_like.label_gate import EnergyGate
 from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
-from aimspax_like.sampling.monitors import Monitor, first_instability
 from aimspax_like.state import CampaignInterrupted
 from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
 
@@ -86,8 +87,9 @@ class Trajectory:
     epochs_for_point: int = 0
     labels_done: int = 0
     labels_failed: int = 0
+    labels_held: int = 0
     labels_in_flight: int = 0
-    monitors: list[Monitor] = field(default_factory=list)
+    guards: list[Guard] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class ALResult:
     labels_done: int
     labels_failed: int
     training_rounds: int
+    labels_held: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -118,7 +121,9 @@ class ALScheduler:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         observers: list[Callable[[str], None]] | None = None,
         should_stop: Callable[[], int] | None = None,
-        monitors: Callable[[Atoms, Any], list[Monitor]] | None = None,
+        guards: Callable[[Atoms, Any], list[Guard]] | None = None,
+        energy_gate: EnergyGate | None = None,
+        trust_factor: float | None = None,
     ) -> None:
         self.config = config
         self.committee = committee
@@ -145,7 +150,11 @@ class ALScheduler:
         self.observers = list(observers or [])
         self.attempts: dict[int, int] = {}  # label id -> retries used so far
         self.should_stop = should_stop or (lambda: 0)
-        self.make_monitors = monitors  # (start structure, MD config) -> stability monitors
+        self.make_guards = guards  # (start structure, MD config) -> physical sanity checks
+        self.energy_gate = energy_gate  # keeps labels far above the seen energies out of training
+        self.trust_factor = trust_factor  # DP-GEN's upper trust bound, as a multiple of the threshold
+        self.held: list[tuple[Atoms, LabelOutcome, dict[str, Any]]] = []  # stored, not trained on
+        self._steps_at_launch: dict[int, tuple[int, int]] = {}  # label id -> (all steps, own steps)
 
     def _notify(self, event: str) -> None:
         for observer in self.observers:
@@ -161,8 +170,8 @@ class ALScheduler:
         start.calc = None
         start.set_momenta(maxwell_boltzmann(start, md_config.temperature_K, rng))
         trajectory = Trajectory(index, MDState(start, md_config, rng), checkpoint=start.copy())
-        if self.make_monitors is not None:
-            trajectory.monitors = self.make_monitors(start.copy(), md_config)
+        if self.make_guards is not None:
+            trajectory.guards = self.make_guards(start.copy(), md_config)
         self.trajectories.append(trajectory)
         return trajectory
 
@@ -203,6 +212,7 @@ class ALScheduler:
             labels_done=sum(t.labels_done for t in self.trajectories),
             labels_failed=sum(t.labels_failed for t in self.trajectories),
             training_rounds=self.training_rounds,
+            labels_held=sum(t.labels_held for t in self.trajectories),
         )
         self.events.emit("al_stop", **result.__dict__)
         self._notify("stopped")
@@ -235,7 +245,7 @@ class ALScheduler:
         unstable = []
         for trajectory in running:
             md = trajectory.md
-            reason = "non-finite" if not _finite(md) else first_instability(trajectory.monitors, md)
+            reason = "non-finite" if not _finite(md) else first_failure(trajectory.guards, md)
             if reason:
                 unstable.append(trajectory)
                 self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step, reason=reason)
@@ -247,14 +257,23 @@ class ALScheduler:
     def _check_uncertainty(self, checked: list[Trajectory]) -> None:
         threshold = self.threshold.value
         deltas = [max_atomic_uncertainty(t.md.member_forces) for t in checked]
+        trusted = []
         for trajectory, delta in zip(checked, deltas, strict=True):
             self.events.emit(
                 "uncertainty", trajectory=trajectory.index, step=trajectory.md.step,
                 delta=delta, threshold=threshold,
             )
+            if self.trust_factor is not None and delta > self.trust_factor * threshold:
+                # Far beyond the threshold: a region where one label cannot help (DP-GEN's
+                # upper trust bound). Not labelled, not in the window; the trajectory rewinds.
+                self.events.emit("trust_exceeded", trajectory=trajectory.index, step=trajectory.md.step,
+                                 delta=delta, limit=self.trust_factor * threshold)
+                self._rewind(trajectory)
+                continue
+            trusted.append(delta)
             if delta > threshold and self._may_submit(trajectory):
                 self._submit(trajectory, delta, threshold)
-        self.threshold.update(deltas)
+        self.threshold.update(trusted)
         if (
             self.config.freeze_threshold_at is not None
             and not self.threshold.frozen
@@ -305,6 +324,7 @@ class ALScheduler:
         workdir = str(self.workdir_root / (f"al_{label_id:06d}" + (f"_retry{attempt}" if attempt else "")))
         self._in_flight[label_id] = (index, frame, provenance)
         self.trajectories[index].labels_in_flight += 1
+        self._steps_at_launch[label_id] = (self._total_steps(), self.trajectories[index].md.step)
         seed = self.seed * 1_000_003 + label_id + 7919 * attempt  # a retry is a fresh fault draw
         future = self.executor.submit(frame, self.reference_spec, workdir, self.faults, seed=seed)
         future.add_done_callback(lambda f, i=index, lid=label_id: self._finished.put((i, lid, f)))
@@ -336,11 +356,13 @@ class ALScheduler:
         outcome = outcome_of(future)
         trajectory.labels_in_flight -= 1
         self.clock.add("labelling", outcome.wall_s)
+        others = self._steps_by_others(label_id, trajectory)
         if isinstance(outcome, LabelFailure):
             retry = self.attempts.get(label_id, 0) < self._retries(outcome.kind)
             self.events.emit(
                 "label_failed", label=label_id, trajectory=index, kind=outcome.kind.value,
                 message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir, retry=retry,
+                others_md_steps=others,
             )
             if retry:
                 self.attempts[label_id] = self.attempts.get(label_id, 0) + 1
@@ -352,14 +374,53 @@ class ALScheduler:
                 self._rewind(trajectory)
             self._notify("label")
             return
+        outlier = self.energy_gate.outlier(frame.numbers, outcome.energy) if self.energy_gate else None
+        if outlier:
+            # Paid for, so stored; but far above every energy seen so far: kept out of training
+            # until the data reach it, and the trajectory that found it rewinds.
+            self.sink(frame, outcome, {**provenance, "held": True})
+            self.held.append((frame, outcome, provenance))
+            self.events.emit("label_held", label=label_id, trajectory=index, energy=outcome.energy,
+                             reason=outlier, others_md_steps=others)
+            trajectory.labels_held += 1
+            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
+                self._rewind(trajectory)
+            self._notify("label")
+            return
         stored = self.sink(frame, outcome, provenance)
         self.committee.add(stored)
+        if self.energy_gate is not None:
+            self.energy_gate.add(frame.numbers, outcome.energy)
         self.events.emit(
             "label_done", label=label_id, trajectory=index, split=stored.split,
             wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
+            others_md_steps=others,
         )
         self._after_stored(trajectory, frame)
+        self._release_held()
         self._notify("label")
+
+    def _release_held(self) -> None:
+        """Held labels that the accepted data now reach join training (in the order found)."""
+        if self.energy_gate is None:
+            return
+        for item in list(self.held):
+            frame, outcome, provenance = item
+            if self.energy_gate.outlier(frame.numbers, outcome.energy) is None:
+                self.held.remove(item)
+                stored = self.sink(frame, outcome, {**provenance, "release": True})
+                self.committee.add(stored)
+                self.energy_gate.add(frame.numbers, outcome.energy)
+                self.events.emit("label_released", trajectory=provenance["trajectory"],
+                                 step=provenance["md_step"], split=stored.split, energy=outcome.energy)
+
+    def _total_steps(self) -> int:
+        return sum(t.md.step for t in self.trajectories)
+
+    def _steps_by_others(self, label_id: int, trajectory: Trajectory) -> int:
+        """MD steps the other trajectories took while this label was in flight."""
+        all0, own0 = self._steps_at_launch.pop(label_id, (self._total_steps(), trajectory.md.step))
+        return (self._total_steps() - all0) - (trajectory.md.step - own0)
 
     def _retries(self, kind: FailureKind) -> int:
         policy = self.config.failures

@@ -172,6 +172,7 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
             "step": md.step, "chain": None if md.chain is None else md.chain.copy(),
             "rng": md.rng.bit_generator.state, "status": t.status.value, "checkpoint": _atoms_dict(t.checkpoint),
             "epochs_for_point": t.epochs_for_point, "labels_done": t.labels_done, "labels_failed": t.labels_failed,
+            "labels_held": t.labels_held,
         })
     in_flight = [
         {"label": label_id, "trajectory": index, "frame": _atoms_dict(frame), "provenance": dict(provenance)}
@@ -213,6 +214,7 @@ def restore_scheduler(scheduler: Any, state: dict[str, Any], is_stored: Any) -> 
         t.checkpoint = _atoms_from(saved["checkpoint"])
         t.epochs_for_point, t.labels_done = saved["epochs_for_point"], saved["labels_done"]
         t.labels_failed = saved["labels_failed"]
+        t.labels_held = saved.get("labels_held", 0)
     scheduler.threshold = MovingAverageThreshold.from_state_dict(state["threshold"])
     scheduler._next_label = state["next_label"]
     scheduler.training_rounds = state["training_rounds"]

@@ -20,7 +20,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-SPLITS = ("train", "valid", "test")
+# "held": a label stored but kept out of training (see ``label_gate``) until the data reach it.
+SPLITS = ("train", "valid", "test", "held")
 ORIGINS = ("idg", "al", "test", "analysis")
 
 # Provenance written into ``atoms.info`` by ``to_atoms``; the store and extxyz share this list.

@@ -227,6 +227,23 @@ class DatasetStore:
             h5.attrs["n_frames"] = n + len(batch)  # the commit point: written last
         return list(range(n, n + len(batch)))
 
+    def set_split(self, index: int, split: str) -> None:
+        """Move one stored frame to another split, durably (a held label released to training)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        with self._writer() as h5:
+            if not 0 <= index < int(h5.attrs["n_frames"]):
+                raise IndexError(f"frame {index} not in the store")
+            h5["split"][index] = _ascii(split, "split")
+            h5.flush()
+
+    def index_of(self, origin: str, trajectory: int, md_step: int) -> int:
+        """The index of the frame with this (origin, trajectory, md_step) identity."""
+        for k, key in enumerate(self.keys()):
+            if key == (origin, int(trajectory), int(md_step)):
+                return k
+        raise KeyError(f"no frame ({origin}, {trajectory}, {md_step}) in the store")
+
     @staticmethod
     def _put(h5: h5py.File, columns: dict[str, Any], row: int) -> None:
         for name, values in columns.items():
