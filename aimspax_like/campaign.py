@@ -9,7 +9,7 @@ input leaves nothing on disk. An existing folder is an error unless ``overwrite`
 repeated, the AL phase continues from ``state/al_checkpoint.pt``, an interrupted IDG restarts from
 its stored frames (see ``idg``), an interrupted convergence is trained again from the models the
 AL phase saved, and an interrupted test set samples again (frames already stored are not stored
-twice; their labels are computed again). The config must match the one in the run directory,
+twice; only the MD is replayed). The config must match the one in the run directory,
 except for the keys in ``state.SAFE_TO_CHANGE``. Phase results are kept in ``state/results.json``
 so the summary of a resumed campaign covers every phase.
 """
@@ -48,6 +48,11 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
         model = config.idg.foundation_model or ""
         if not model.startswith(("mace-mp", "chgnet")) and not Path(model).is_file():
             raise ConfigError("idg.foundation_model", f"model file not found: {model}")
+    from aimspax_like.testset import check_test_set
+
+    check_test_set(config)
+    if not config.idg.enabled and not config.al.enabled and config.converge.enabled:
+        raise ConfigError("converge.enabled", "nothing to train on: idg and al are both disabled")
     if config.reference.compute_stress and not all(a.pbc.all() for a in structures):
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
     if config.model.device == "cuda":
@@ -184,6 +189,10 @@ def run_campaign(
     events.emit("campaign_start", phases=list(phases), directory=str(paths.root), resume=resume)
     try:
         with executor if owned else nullcontext():
+            if config.system.relax:
+                from aimspax_like.structures import relaxed_start_structures
+
+                ctx.structures = relaxed_start_structures(ctx)
             committee = None
             for phase in phases:
                 if ctx.should_stop():
@@ -216,9 +225,37 @@ def run_campaign(
         events.close()
 
 
+def _enabled(config: CampaignConfig, phase: str) -> bool:
+    return bool(getattr(config, phase).enabled)
+
+
+def _skip_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, Any]) -> Any:
+    """A phase switched off in the config: recorded as skipped, and what follows still works.
+
+    Without IDG the members start untrained (E0s zero) and active learning labels from scratch;
+    without convergence the test set measures the best member as AL left it.
+    """
+    from aimspax_like.committee import Committee
+
+    ctx.events.emit("phase_skipped", phase=phase, key=f"{phase}.enabled")
+    if phase == "idg":
+        numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
+        committee = Committee.from_data(ctx.config, ctx.store.frames(), numbers)
+        committee.save(ctx.paths.models)
+        return committee
+    if committee is None:
+        committee = Committee.from_files(ctx.config, ctx.paths.member_models(), ctx.store.frames())
+    results[phase] = {"skipped": True}
+    if phase == "converge":
+        results[phase]["best_member"] = committee.best_member()
+    return committee
+
+
 def _run_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, Any]) -> Any:
     from aimspax_like.committee import Committee
 
+    if not _enabled(ctx.config, phase):
+        return _skip_phase(ctx, phase, committee, results)
     if committee is None and phase != "idg":
         committee = Committee.from_files(ctx.config, ctx.paths.member_models(), ctx.store.frames())
     if phase == "idg":

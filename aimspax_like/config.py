@@ -44,6 +44,12 @@ class SystemConfig(_Strict):
 
     structures: list[Path] = Field(min_length=1, description="Structure files or folders.")
     index: str = Field(":", description="ASE index applied to each file (':' = every frame).")
+    relax: bool = Field(
+        False, description="Relax every start structure with the reference (BFGS) before IDG; the "
+        "relaxed structures are kept in state/start_structures.xyz.",
+    )
+    relax_fmax: float = Field(0.05, gt=0, description="Force convergence of system.relax (eV/A).")
+    relax_steps: int = Field(200, ge=1, description="Optimizer steps at most per structure.")
 
     @field_validator("structures", mode="before")
     @classmethod
@@ -147,6 +153,10 @@ class ModelConfig(_Strict):
     radial_mlp: list[int] = Field(default_factory=lambda: [32, 32, 32], min_length=1)
     mlp_irreps: str = "16x0e"
     max_ell: int = Field(3, ge=0, description="Spherical harmonics order of the edges.")
+    pair_repulsion: bool = Field(
+        False, description="Add MACE's ZBL short-range pair repulsion to every member: atoms repel "
+        "at short range even where no training frame was.",
+    )
     dtype: Literal["float32", "float64"] = "float64"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -170,10 +180,19 @@ class TrainingConfig(_Strict):
 
 
 class ConvergeConfig(_Strict):
-    """The final phase: train to convergence with patience on the validation loss."""
+    """The final phase: train to convergence with patience on the validation loss.
+
+    ``members: best`` trains the member with the lowest validation loss, ``all`` trains every
+    member and keeps the best of them afterwards. Either way every saved member gets its
+    per-element reference energies (E0) refitted to the whole training set at the end, also
+    the members that were not trained to convergence (one ``e0_refit`` event per member), so
+    the saved committee has no per-member energy offsets and its spread means uncertainty.
+    """
 
     enabled: bool = True
-    members: Literal["best", "all"] = "best"
+    members: Literal["best", "all"] = Field(
+        "best", description="best: converge the best member; all: every member (the E0s of all are refitted)."
+    )
     patience: int = Field(50, ge=1)
     max_epochs: int = Field(1000, ge=1)
 
@@ -220,6 +239,17 @@ class IDGConfig(_Strict):
     max_set_size: int = Field(100, ge=1, description="Labelled frames (train + valid).")
     desired_acc: float | None = Field(None, gt=0, description="Target valid force MAE (eV/A).")
     desired_acc_scale: float = Field(10.0, gt=0)
+    probe_steps: int = Field(
+        100, ge=0, description="Guarded committee MD steps from the start structures at the AL "
+        "temperatures after IDG; IDG goes on while the probe fails (0: no probe).",
+    )
+    probe_extra_rounds: int = Field(
+        10, ge=0, description="IDG rounds allowed past max_epochs while the probe fails (max_set_size still holds).",
+    )
+    hot_start_factor: float = Field(
+        2.0, gt=1, description="Warn when IDG MD of a start structure runs hotter than this x its "
+        "target temperature: the structure is far from a minimum (relax it: system.relax).",
+    )
     md: MDConfig = Field(default_factory=MDConfig)
 
     @model_validator(mode="after")
@@ -241,6 +271,44 @@ class LabelFailurePolicy(_Strict):
 
     crashed_retries: int = Field(1, ge=0, description="Tries after a crash before discarding.")
     timed_out_retries: int = Field(0, ge=0, description="Tries after a timeout before discarding.")
+
+
+class GuardsConfig(_Strict):
+    """Physical sanity checks on every AL MD step (``aimspax_like.guards``), on by default.
+
+    A frame that fails a guard is never labelled and never enters Eq. 2's window: its trajectory
+    restarts from its checkpoint geometry with fresh velocities (an ``md_unstable`` event). Limits
+    follow the system's own chemistry: distances in units of covalent-radius sums, bonds as
+    multiples of their start length, the temperature as a multiple of the target.
+    """
+
+    enabled: bool = Field(True, description="false keeps only the non-finite check.")
+    min_distance_factor: float = Field(
+        0.6, gt=0, lt=1, description="Any two atoms closer than this x their covalent-radius sum fail."
+    )
+    topology: Literal["auto", "on", "off"] = Field(
+        "auto", description="Molecular topology checks; auto: on when the start structure has bonds "
+        "between non-metal atoms.",
+    )
+    bond_stretch_factor: float = Field(
+        1.5, gt=1, description="A start bond longer than this x its start length fails (topology)."
+    )
+    nonbonded_factor: float = Field(
+        1.2, gt=0, description="Non-metal atoms not bonded at the start closer than this x their "
+        "covalent-radius sum fail (a new bond; topology).",
+    )
+    temperature_factor: float = Field(3.0, gt=1, description="Kinetic temperature above this x the target fails.")
+    volume_factor: float = Field(1.5, gt=1, description="Periodic cells: volume outside [1/f, f] x start fails.")
+    energy_outlier: float | None = Field(
+        6.0, gt=0, description="A label whose energy per atom lies more than this many spreads above "
+        "the labels seen so far (same composition) is stored as 'held', kept out of training until "
+        "the data reach it, and rewinds its trajectory; null switches this off.",
+    )
+    trust_factor: float | None = Field(
+        None, gt=1, description="DP-GEN's upper trust bound: a frame whose uncertainty exceeds this x "
+        "the threshold is not labelled (outside the region where a label helps) and its trajectory "
+        "rewinds; null: every frame above the threshold is labelled.",
+    )
 
 
 class ALConfig(_Strict):
@@ -268,10 +336,7 @@ class ALConfig(_Strict):
     )
     labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
     failures: LabelFailurePolicy = Field(default_factory=LabelFailurePolicy)
-    stability_monitors: bool = Field(
-        False, description="Rewind a trajectory whose bonds tear (> 2 A), atoms fuse (< 0.5 A) or "
-        "temperature runs past 5x its target (non-finite steps are always rewound).",
-    )
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
     md: MDConfig | list[MDConfig] = Field(default_factory=MDConfig)
 
     @model_validator(mode="after")
@@ -428,11 +493,28 @@ ClusterConfig = Annotated[
 
 
 class TestSetConfig(_Strict):
-    """Held-out frames labelled at the end to report the final model's error."""
+    """Held-out frames sampled at the end, never by the model under test, to report its error.
 
-    size: int = Field(0, ge=0, description="0 disables the test set.")
+    MD runs at each of ``temperatures_K`` (default: the AL temperatures plus one 1.4 times the
+    highest of them), ``size`` frames per temperature, every ``stride``-th step. ``sampler:
+    reference`` drives the MD with the reference itself in the driver process (the frames keep
+    the reference's own energy and forces); ``foundation`` drives it with ``idg.foundation_model``
+    and the reference labels the frames on the label workers; ``auto`` follows ``idg.sampler``.
+    ``md`` sets the integrator; its ``temperature_K`` is replaced by each temperature in turn.
+    """
+
+    size: int = Field(20, ge=0, description="Frames per temperature; 0 disables the test set.")
     stride: int = Field(20, ge=1)
-    md: MDConfig = Field(default_factory=lambda: MDConfig(temperature_K=300.0))
+    sampler: Literal["auto", "reference", "foundation"] = Field(
+        "auto", description="What drives the test MD; auto: the kind of idg.sampler."
+    )
+    temperatures_K: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1,
+        description="Test MD temperatures; null: the AL temperatures plus 1.4 x the highest of them.",
+    )
+    md: MDConfig = Field(
+        default_factory=MDConfig, description="Integrator of the test MD (temperature_K is replaced per temperature)."
+    )
 
 
 class OutputConfig(_Strict):

@@ -1,13 +1,15 @@
-"""The last phases: train the best member (or all) to convergence, then measure on a test set.
+"""The last phase: train the best member (or all) to convergence.
 
 Convergence training uses every training frame of the campaign (all IDG subsets and all
 active-learning points) and stops when the validation loss has not improved for ``patience``
-epochs, keeping the best weights. The per-element reference energies are then refitted to the
-training energies (``models.calibration``): force-dominated losses leave a constant energy
-offset that costs nothing in forces but spoils every reported energy.
+epochs, keeping the best weights. The per-element reference energies (E0) of every member are
+then refitted to the training energies (``models.calibration``), the converged members' and
+the others' alike: force-dominated losses leave a constant energy offset per member that costs
+nothing in forces but spoils every reported energy and, member against member, the committee's
+energy spread. The refit never changes forces.
 
-The test set is sampled by MD with the final model, as a user would run it, and labelled by the
-same reference on the label workers; it never enters training.
+The held-out test set that follows is ``aimspax_like.testset`` (``run_test_set`` is re-exported
+here for the campaign).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 from aimspax_like.committee import Committee
 from aimspax_like.context import RunContext
 from aimspax_like.models.calibration import refit_atomic_energies
-from aimspax_like.reference.results import LabelFailure
-from aimspax_like.sampling.ase_md import StridedSampler
-from aimspax_like.scheduler import outcome_of
+from aimspax_like.testset import run_test_set
+
+__all__ = ["run_converge", "run_test_set"]
 
 
 def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
@@ -42,7 +44,11 @@ def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
         results[member] = metrics
         ctx.events.emit("converged", **metrics.__dict__)
         shifts = refit_atomic_energies(committee.ensemble, member, train)
-        ctx.events.emit("e0_refit", member=member, shifts=shifts)
+        ctx.events.emit("e0_refit", member=member, shifts=shifts, converged=True)
+    for member in range(committee.n_members):  # the saved committee shares one E0 treatment
+        if member not in results:
+            shifts = refit_atomic_energies(committee.ensemble, member, train)
+            ctx.events.emit("e0_refit", member=member, shifts=shifts, converged=False)
     if config.members == "all":
         best = min(results, key=lambda k: results[k].valid_loss)
     committee.save(ctx.paths.models)
@@ -50,40 +56,3 @@ def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     ctx.events.emit("phase_end", phase="converge", best_member=best)
     return {"best_member": best, "metrics": {k: v.__dict__ for k, v in results.items()}}
 
-
-def run_test_set(ctx: RunContext, committee: Committee, member: int) -> dict[str, Any] | None:
-    """Sample ``test_set.size`` frames with the final model, label them, report its errors."""
-    config = ctx.config.test_set
-    if config.size == 0:
-        return None
-    from aimspax_like.models.foundation import load_foundation_calculator
-
-    ctx.events.emit("phase_start", phase="test")
-    model_file = ctx.paths.models / "best.model"
-    if not model_file.exists():
-        model_file = ctx.paths.models / f"member_{member}.model"
-    calculator = load_foundation_calculator(str(model_file), device="cpu", dtype=ctx.config.model.dtype)
-    sampler = StridedSampler(
-        ctx.structures, lambda: calculator, config.md, config.stride, seed=ctx.config.seed + 99
-    )
-    frames, attempts = [], 0
-    while len(frames) < config.size and attempts < 3 * config.size:
-        batch = [sampler.next_frame() for _ in range(min(config.size - len(frames), 8))]
-        attempts += len(batch)
-        futures = [
-            ctx.executor.submit(s.atoms, ctx.reference_spec, str(ctx.paths.labels / f"test_{attempts}_{i}"),
-                                None, seed=i)
-            for i, s in enumerate(batch)
-        ]
-        for sampled, future in zip(batch, futures, strict=True):
-            with ctx.clock.measure("waiting"):
-                outcome = outcome_of(future)
-            if isinstance(outcome, LabelFailure):
-                ctx.events.emit("label_failed", phase="test", kind=outcome.kind.value, message=outcome.message)
-                continue
-            frames.append(ctx.store_label(sampled.atoms, outcome, "test", origin="test",
-                                          trajectory=sampled.structure, md_step=sampled.md_step))
-    atoms = [f.to_atoms() for f in frames]
-    errors = {k: committee.trainer.evaluate(k, atoms) for k in range(committee.n_members)} if atoms else {}
-    ctx.events.emit("phase_end", phase="test", size=len(frames), errors=errors)
-    return {"size": len(frames), "member": member, "errors": errors}

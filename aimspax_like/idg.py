@@ -27,6 +27,7 @@ from aimspax_like.committee import Committee
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
+from aimspax_like.probe import ProbeResult, probe_committee
 from aimspax_like.reference.results import LabelFailure, LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
 from aimspax_like.scheduler import outcome_of as _outcome_of
@@ -79,6 +80,9 @@ class IDGPhase:
         self.dealer = MemberDealer(self.n_members, np.random.default_rng(ctx.config.seed + 7 + len(self.frames)))
         self.epochs = 0
         self._label_count = 0
+        self.probe: ProbeResult | None = None
+        self.extra_rounds = 0
+        self._hot_warned = False
 
     def run(self) -> Committee:
         ctx = self.ctx
@@ -103,11 +107,55 @@ class IDGPhase:
             )
             ctx.progress(phase="idg", frames=len(ctx.store), epochs=self.epochs,
                          valid_mae=committee.valid_force_mae(), md_steps=sampler.total_steps)
+            self._warn_hot_start(sampler)
             reason = self._stop_reason(committee)
+            if reason and self.config.probe_steps:
+                self.probe = self._probe(committee)
+                if not self.probe.passed and self._may_extend(reason):
+                    self.extra_rounds += 1
+                    reason = ""
+        probe = self.probe.as_dict() if self.probe is not None else None
         ctx.events.emit("phase_end", phase="idg", reason=reason, frames=len(self.frames),
-                        epochs=self.epochs, md_steps=sampler.total_steps)
+                        epochs=self.epochs, md_steps=sampler.total_steps, probe=probe,
+                        extra_rounds=self.extra_rounds)
+        if self.probe is not None and not self.probe.passed:
+            ctx.warn(f"the initial committee still fails the exploration probe ({self.probe.reason} after "
+                     f"{self.probe.steps} steps) and the IDG budget is spent; active learning starts "
+                     "anyway, guarded (raise idg.max_set_size or idg.probe_extra_rounds for a stronger start)",
+                     key="idg.probe_steps")
         committee.save(ctx.paths.models)
         return committee
+
+    def _probe(self, committee: Committee) -> ProbeResult:
+        ctx = self.ctx
+        with ctx.clock.measure("md"):
+            result = probe_committee(committee, ctx.structures, ctx.config, self.config.probe_steps,
+                                     seed=ctx.config.seed + self.epochs)
+        ctx.events.emit("idg_probe", epochs=self.epochs, frames=len(self.frames), **result.as_dict())
+        ctx.progress(phase="idg", probe="passed" if result.passed else f"failed at step {result.steps}")
+        return result
+
+    def _may_extend(self, reason: str) -> bool:
+        """Another round for a committee that cannot explore yet, while the budget allows."""
+        return (
+            reason != "max_set_size"
+            and len(self.frames) < self.config.max_set_size
+            and self.extra_rounds < self.config.probe_extra_rounds
+        )
+
+    def _warn_hot_start(self, sampler: StridedSampler) -> None:
+        """A start structure whose IDG MD runs far hotter than its target is far from a minimum."""
+        if self._hot_warned:
+            return
+        target = self.config.md.temperature_K
+        for index, hottest in enumerate(sampler.max_temperature):
+            if hottest > self.config.hot_start_factor * target:
+                self._hot_warned = True
+                self.ctx.warn(
+                    f"start structure {index} looks far from a minimum: its IDG MD reached {hottest:.0f} K "
+                    f"at a target of {target:.0f} K; relax it first (system.relax: true)",
+                    key="system.structures", structure=index, temperature_K=hottest,
+                )
 
     def _check_stop(self) -> None:
         signum = int(self.ctx.should_stop())

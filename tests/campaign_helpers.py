@@ -30,7 +30,7 @@ def tiny_config(tmp_path, **overrides) -> dict:
                "max_md_steps": 300, "intermediate_epochs": 1, "max_epochs_per_point": 2,
                "valid_ratio": 0.25, "md": {"temperature_K": 400}},
         "converge": {"patience": 3, "max_epochs": 8},
-        "test_set": {"size": 3, "stride": 5, "md": {"temperature_K": 300}},
+        "test_set": {"size": 3, "stride": 5},  # 3 frames at 400 K and 3 at 560 K
         "output": {"directory": str(tmp_path / "run")},
         "seed": 3,
     }

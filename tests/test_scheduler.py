@@ -12,6 +12,7 @@ import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
+from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.config import ALConfig, MDConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.events import EventLog, read_events
@@ -213,10 +214,15 @@ def test_parallel_mode_keeps_other_trajectories_running(tmp_path, mode):
         scheduler.run()
     overlaps = _steps_during_labels(tmp_path / "events.jsonl")
     assert overlaps
+    # The scheduler's own count: MD steps of other trajectories between submission and return.
+    returned = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] in ("label_done", "label_failed")]
+    others = [e["others_md_steps"] for e in returned]
+    summary = label_overlap(read_events(tmp_path / "events.jsonl"))
+    assert summary["md_steps_by_others_during_labels"] == sum(others)
     if mode == "serial":
-        assert max(overlaps) == 0
+        assert max(overlaps) == 0 and max(others) == 0 and summary["labels_overlapping_sampling"] == 0
     else:
-        assert max(overlaps) > 5
+        assert max(overlaps) > 5 and max(others) > 5
 
 
 def test_per_trajectory_temperatures_are_used(tmp_path):

@@ -182,8 +182,7 @@ def test_tiny_campaign_labels_run_inside_slurm_jobs(partition: str, tmp_path: Pa
     assert all(e["slurm_job_id"] and requested[e["block"]] == e["slurm_job_id"] for e in placed.values())
     al_done = [e["label"] for e in events if e["event"] == "label_done" and "phase" not in e]
     assert al_done and all(f"al_{label:06d}" in placed for label in al_done)
-    test_placed = [name for name, e in placed.items() if name.startswith("test_") and e["ok"]]
-    assert summary["test"]["size"] == 3 and len(test_placed) >= 3
+    assert summary["test"]["size"] == 6  # sampled by reference MD in the driver: no test labels to place
     # At the end every block was cancelled and has left the SLURM queue.
     assert _wait_gone(set(requested.values()))
 

@@ -2,8 +2,10 @@
 
 Built from the dataset, the event log and the phase results, so it tells what happened, not
 what the code intended: labels used per phase, failures by kind, MD steps, the final
-validation force MAE per member, the test-set error of the final model and the wall time
-split into ML work (MD + training), waiting for labels, and label CPU time on the workers.
+validation force MAE per member, the test-set errors (per test temperature: the final model's
+and every member's force and energy MAE, and how well the committee's uncertainty tracks the
+true force error) and the wall time split into ML work (MD + training), waiting for labels, and
+label CPU time on the workers.
 """
 
 from __future__ import annotations
@@ -24,12 +26,20 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     idg_steps = sum(e.get("md_steps", 0) for e in events if e["event"] == "phase_end" and e["phase"] == "idg")
     counts = ctx.store.counts()
     seconds = ctx.clock.seconds
+    idg_end = next((e for e in reversed(events) if e["event"] == "phase_end" and e["phase"] == "idg"), None)
     summary = {
         "directory": str(ctx.paths.root),
         "labels": {**counts["origin"], "total": counts["total"], "failed": dict(failures)},
         "splits": counts["split"],
         "md_steps": {"idg": idg_steps, "al": results.get("al", {}).get("md_steps", 0)},
+        "idg": None if idg_end is None else {
+            "frames": idg_end.get("frames"), "reason": idg_end.get("reason"), "epochs": idg_end.get("epochs"),
+            "probe": idg_end.get("probe"), "extra_rounds": idg_end.get("extra_rounds", 0),
+        },
         "al": results.get("al"),
+        "skipped": [e["phase"] for e in events if e["event"] == "phase_skipped"],
+        "guards": guard_counts(events),
+        "warnings": [e["message"] for e in events if e["event"] == "warning"],
         "overlap": label_overlap(events),
         "valid_force_mae": results.get("final_valid"),
         "best_member": results.get("converge", {}).get("best_member"),
@@ -55,30 +65,90 @@ def render(summary: dict[str, Any]) -> str:
         f" (train {summary['splits']['train']}, valid {summary['splits']['valid']}); failed: {failed}",
         f"md steps   idg {summary['md_steps']['idg']}, al {summary['md_steps']['al']}",
     ]
-    if summary.get("al"):
+    idg = summary.get("idg")
+    if idg:
+        lines.append(f"idg        {idg['frames']} frames, {idg['epochs']} epochs, stopped by {idg['reason']}"
+                     + _probe_text(idg))
+    if summary.get("skipped"):
+        lines.append(f"skipped    {', '.join(summary['skipped'])} (switched off in the config)")
+    if summary.get("al") and not summary["al"].get("skipped"):
         al = summary["al"]
         lines.append(f"al         stopped by {al['reason']}; {al['training_rounds']} training rounds; "
                      f"threshold {al['threshold']:.4g} eV/A")
         overlap = summary["overlap"]
         lines.append(f"parallel   {overlap['labels_overlapping_sampling']} of {overlap['labels']} labels ran while "
-                     f"other trajectories sampled ({overlap['checks_by_others_during_labels']} checks meanwhile); "
+                     f"other trajectories sampled ({overlap['md_steps_by_others_during_labels']} MD steps by "
+                     f"others meanwhile); "
                      f"max {overlap['max_in_flight']} in flight")
+        guards = summary["guards"]
+        reasons = ", ".join(f"{k} {v}" for k, v in guards["md_unstable"].items()) or "none"
+        lines.append(f"guards     {sum(guards['md_unstable'].values())} frames failed a guard ({reasons}); "
+                     f"{guards['held']} labels held (energy outliers, {guards['released']} released); "
+                     f"{guards['trust_exceeded']} beyond the trust bound")
     if summary.get("valid_force_mae"):
         maes = "  ".join(f"m{k}: {v * 1000:.1f}" for k, v in enumerate(summary["valid_force_mae"]))
         best = summary.get("best_member")
         lines.append(f"valid F MAE (meV/A)  {maes}" + (f"   best: m{best}" if best is not None else ""))
     test = summary.get("test")
-    if test and test.get("errors"):
-        errors = {int(k): v for k, v in test["errors"].items()}  # JSON round trips make keys strings
-        err = errors[int(test["member"])]
-        lines.append(f"test set   {test['size']} frames: final model F MAE {err['force_mae'] * 1000:.1f} meV/A, "
-                     f"E MAE {err['energy_mae_per_atom'] * 1000:.2f} meV/atom")
+    if test and test.get("size"):
+        lines.extend(_test_lines(test))
+    lines.extend(f"warning    {message}" for message in summary.get("warnings", []))
     lines.append(
         f"wall time  {wall['total']:.1f} s: ML {wall['ml']:.1f} s (MD {wall['md']:.1f}, training "
         f"{wall['training']:.1f}), waiting for labels {wall['waiting']:.1f} s; "
         f"label time on workers {wall['labelling_worker_s']:.1f} s"
     )
     return "\n".join(lines)
+
+
+def guard_counts(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Guard decisions of the AL phase, by kind (the reason's first words name the guard)."""
+    unstable = Counter(_guard_name(e.get("reason", "")) for e in events if e["event"] == "md_unstable")
+    return {
+        "md_unstable": dict(unstable),
+        "held": sum(e["event"] == "label_held" for e in events),
+        "released": sum(e["event"] == "label_released" for e in events),
+        "trust_exceeded": sum(e["event"] == "trust_exceeded" for e in events),
+    }
+
+
+def _guard_name(reason: str) -> str:
+    for word, name in (("stretched", "bond stretch"), ("not bonded", "new contact"), ("apart", "close contact"),
+                       ("temperature", "temperature"), ("volume", "volume"), ("non-finite", "non-finite")):
+        if word in reason:
+            return name
+    return "other"
+
+
+def _probe_text(idg: dict[str, Any]) -> str:
+    probe = idg.get("probe")
+    if not probe:
+        return ""
+    extra = f" after {idg['extra_rounds']} extra rounds" if idg.get("extra_rounds") else ""
+    if probe["passed"]:
+        return f"; probe passed ({probe['steps']} guarded committee MD steps{extra})"
+    return f"; probe FAILED at step {probe['steps']}{extra}, budget spent ({probe['reason']})"
+
+
+def _test_lines(test: dict[str, Any]) -> list[str]:
+    """A header, one line per test temperature and one over all test frames."""
+    temperatures = ", ".join(f"{t:g}" for t in test["temperatures_K"])
+    lines = [f"test set   {test['size']} frames from {test['sampler']} MD at {temperatures} K "
+             f"(final model: m{test['member']})"]
+    groups = [(f"{g['temperature_K']:g} K", g) for g in test["per_temperature"]]
+    for label, group in [*groups, ("all", test["all"])]:
+        lines.append(f"test {label:<8} {group['frames']:3d} frames: " + _test_errors(group))
+    return lines
+
+
+def _test_errors(group: dict[str, Any]) -> str:
+    if not group["frames"]:
+        return "none"
+    final = group["final"]
+    members = "/".join(f"{m['force_mae'] * 1000:.0f}" for m in group["members"])
+    r = group["uncertainty_error_r"]
+    return (f"final F MAE {final['force_mae'] * 1000:.1f} meV/A, E MAE {final['energy_mae_per_atom'] * 1000:.2f} "
+            f"meV/atom; members F {members}; uncertainty-error r " + ("n/a" if r is None else f"{r:.2f}"))
 
 
 def write_summary(report_dir: Path, summary: dict[str, Any]) -> None:

@@ -131,6 +131,7 @@ def build_member(
             radial_MLP=list(model_cfg.radial_mlp),
             atomic_inter_scale=float(scale),
             atomic_inter_shift=float(shift),
+            pair_repulsion=model_cfg.pair_repulsion,
         )
 
 

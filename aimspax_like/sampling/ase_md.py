@@ -52,6 +52,7 @@ class StridedSampler:
         self.states: list[MDState] = []
         self.last_good: list[Atoms] = []
         self.steps = [0] * len(structures)
+        self.max_temperature = [0.0] * len(structures)  # hottest handed-out frame per structure
         for structure in structures:
             atoms = structure.copy()
             atoms.calc = make_calculator()
@@ -86,6 +87,7 @@ class StridedSampler:
                     raise
                 self._rewind(index)
         self.steps[index] += self.stride
+        self.max_temperature[index] = max(self.max_temperature[index], state.temperature())
         frame = atoms.copy()
         frame.calc = None
         self.last_good[index] = frame.copy()

@@ -1,0 +1,233 @@
+"""The held-out test set: sampled without the model under test, at several temperatures.
+
+A model judged on frames from its own MD only meets the geometries it already handles well, so
+here the test MD is driven by the reference itself (``sampler: reference``: the frames keep the
+reference's energy and forces, no extra label) or by the IDG foundation model with the frames
+labelled by the reference on the label workers (``sampler: foundation``). ``auto`` follows
+``idg.sampler``. It runs once per temperature: ``test_set.temperatures_K``, by default the AL
+temperatures plus one ``HIGH_TEMPERATURE_FACTOR`` times the highest of them (500 K -> 700 K),
+``test_set.size`` frames each, every ``stride``-th MD step, with seeds apart from IDG's.
+
+Where a frame comes from. A stored frame has no temperature field, so test frames carry the
+temperature in ``trajectory``: ``trajectory = temperature_index * n_structures + structure``
+(``temperature_of``), with the temperatures listed in the results and the ``phase_end`` event.
+
+What is reported, per temperature and over all test frames: the force MAE (eV/A) and energy
+MAE per atom (eV/atom) of the final model (the converged best member) and of every member,
+and the Pearson correlation between the committee's Eq. 1 uncertainty and the true error of
+the committee-mean force (the largest per-atom error norm against the reference): how well
+the committee's disagreement ranks the frames it gets wrong.
+
+Resume. An interrupted test set samples again: the seeded MD replays and a frame already
+stored (same origin, trajectory and MD step) is taken from the dataset instead of being
+labelled or stored again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from aimspax_like.committee import Committee
+from aimspax_like.config import CampaignConfig
+from aimspax_like.context import RunContext
+from aimspax_like.data import LabelledFrame
+from aimspax_like.errors import ConfigError
+from aimspax_like.reference.results import LabelFailure, LabelResult
+from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
+from aimspax_like.scheduler import outcome_of
+from aimspax_like.state import CampaignInterrupted
+from aimspax_like.uncertainty import max_atomic_uncertainty
+
+HIGH_TEMPERATURE_FACTOR = 1.4  # the extra test temperature over the highest AL one (paper: 500 -> 700 K)
+SEED_OFFSET = 99  # test MD seeds: seed + 99 + temperature index (IDG uses seed itself)
+
+
+def temperatures_of(config: CampaignConfig) -> list[float]:
+    """``test_set.temperatures_K``, or the AL temperatures plus one 1.4 times the highest."""
+    if config.test_set.temperatures_K is not None:
+        return [float(t) for t in config.test_set.temperatures_K]
+    al = sorted({float(config.al.md_for(k).temperature_K) for k in range(config.al.num_trajectories)})
+    return [*al, round(HIGH_TEMPERATURE_FACTOR * al[-1], 6)]
+
+
+def sampler_kind(config: CampaignConfig) -> str:
+    """``reference`` or ``foundation`` (``auto`` resolved from ``idg.sampler``)."""
+    kind = config.test_set.sampler
+    return config.idg.sampler if kind == "auto" else kind
+
+
+def check_test_set(config: CampaignConfig) -> None:
+    """Raise ``ConfigError`` if the test set cannot be sampled as configured."""
+    if config.test_set.size and sampler_kind(config) == "foundation" and not config.idg.foundation_model:
+        raise ConfigError("test_set.sampler", "foundation needs idg.foundation_model")
+
+
+def temperature_of(trajectory: int, temperatures: list[float], n_structures: int) -> float:
+    """The test temperature of a stored test frame, decoded from its ``trajectory``."""
+    return temperatures[int(trajectory) // n_structures]
+
+
+def run_test_set(ctx: RunContext, committee: Committee, member: int) -> dict[str, Any] | None:
+    """Sample the test set (see the module docstring), store it, report the errors on it."""
+    config = ctx.config.test_set
+    if config.size == 0:
+        return None
+    check_test_set(ctx.config)
+    temperatures = temperatures_of(ctx.config)
+    kind = sampler_kind(ctx.config)
+    ctx.events.emit("phase_start", phase="test", sampler=kind, temperatures_K=temperatures)
+    sampling = _TestSampling(ctx, kind)
+    groups = []
+    for index, temperature in enumerate(temperatures):
+        frames = sampling.collect(index, temperature)
+        errors = committee_errors(committee, [f.to_atoms() for f in frames], member)
+        groups.append({"temperature_K": temperature, **errors})
+    atoms = [f.to_atoms() for f in sampling.frames]
+    overall = committee_errors(committee, atoms, member)
+    ctx.events.emit("phase_end", phase="test", size=len(atoms), sampler=kind, temperatures_K=temperatures,
+                    per_temperature=groups, all=overall)
+    return {
+        "size": len(atoms), "member": member, "sampler": kind, "temperatures_K": temperatures,
+        "trajectory_encoding": "temperature_index * n_structures + structure",
+        "per_temperature": groups, "all": overall,
+    }
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def committee_errors(committee: Committee, atoms: list[Atoms], member: int) -> dict[str, Any]:
+    """Errors of the final model (``member``) and of every member, and the uncertainty-error r."""
+    if not atoms:
+        return {"frames": 0, "final": None, "members": [], "uncertainty_error_r": None,
+                "mean_uncertainty": None, "mean_max_force_error": None}
+    members = [committee.trainer.evaluate(k, atoms) for k in range(committee.n_members)]
+    prediction = committee.ensemble.predict(atoms)
+    uncertainty, error = [], []
+    for s, frame in enumerate(atoms):
+        forces = prediction.forces_of(s)  # [M, n_atoms, 3]
+        uncertainty.append(max_atomic_uncertainty(forces))
+        reference = frame.arrays["REF_forces"]
+        error.append(float(np.linalg.norm(forces.mean(axis=0) - reference, axis=1).max()))
+    return {
+        "frames": len(atoms),
+        "final": members[member],
+        "members": members,
+        "uncertainty_error_r": pearson(uncertainty, error),
+        "mean_uncertainty": float(np.mean(uncertainty)),
+        "mean_max_force_error": float(np.mean(error)),
+    }
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson's r, or None where it is undefined (fewer than two frames, a constant series)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()) or a.std() == 0 or b.std() == 0:
+        return None
+    r = float(np.corrcoef(a, b)[0, 1])
+    return max(-1.0, min(1.0, r)) if math.isfinite(r) else None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class _TestSampling:
+    """Collects ``test_set.size`` stored frames per temperature, by reference or foundation MD."""
+
+    def __init__(self, ctx: RunContext, kind: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.config = ctx.config.test_set
+        self.n_structures = len(ctx.structures)
+        self.stored = {(f.trajectory, f.md_step): f for f in ctx.store.frames(origin="test")}
+        self.frames: list[LabelledFrame] = []
+        self._calculator: Any = None
+        self._label_count = 0
+
+    def collect(self, index: int, temperature: float) -> list[LabelledFrame]:
+        sampler = self._sampler(index, temperature)
+        frames: list[LabelledFrame] = []
+        attempts = 0
+        while len(frames) < self.config.size and attempts < 3 * self.config.size:
+            self._check_stop()
+            wanted = self.config.size - len(frames)
+            batch = 1 if self.kind == "reference" else min(wanted, max(1, getattr(self.ctx.executor, "n_workers", 1)))
+            measure = "labelling" if self.kind == "reference" else "md"
+            with self.ctx.clock.measure(measure):
+                sampled = [sampler.next_frame() for _ in range(batch)]
+            attempts += len(sampled)
+            frames.extend(self._label(index, sampled))
+            self.ctx.progress(phase="test", temperature_K=temperature, frames=len(frames))
+        self.frames.extend(frames)
+        return frames
+
+    def _sampler(self, index: int, temperature: float) -> StridedSampler:
+        ctx = self.ctx
+        md = self.config.md.model_copy(update={"temperature_K": temperature})
+        seed = ctx.config.seed + SEED_OFFSET + index
+        if self.kind == "reference":
+            from aimspax_like.reference.calculators import make_calculator
+
+            workdir = ctx.paths.labels / "test_md"
+            return StridedSampler(
+                ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), md, self.config.stride,
+                seed=seed, on_failure=lambda i, exc: ctx.events.emit(
+                    "md_failed", phase="test", structure=i, temperature_K=temperature, error=str(exc)[:200]),
+            )
+        if self._calculator is None:
+            from aimspax_like.models.foundation import load_foundation_calculator
+
+            device = "cpu" if ctx.config.model.device == "auto" else ctx.config.model.device
+            self._calculator = load_foundation_calculator(
+                str(ctx.config.idg.foundation_model), device=device, dtype=ctx.config.model.dtype
+            )
+        calculator = self._calculator
+        return StridedSampler(ctx.structures, lambda: calculator, md, self.config.stride, seed=seed)
+
+    def _label(self, index: int, sampled: list[SampledFrame]) -> list[LabelledFrame]:
+        """Store the sampled frames (reference MD) or label them on the workers (foundation MD)."""
+        ctx = self.ctx
+        done: list[LabelledFrame] = []
+        fresh = []
+        for s in sampled:
+            key = (index * self.n_structures + s.structure, s.md_step)
+            if key in self.stored:  # replayed after a resume
+                done.append(self.stored[key])
+            elif self.kind == "reference":
+                result = LabelResult(s.energy, s.forces, None, None, 0.0)
+                done.append(self._store(s, key, result))
+            else:
+                fresh.append((s, key))
+        futures = []
+        for s, _ in fresh:
+            workdir = str(ctx.paths.labels / f"test_{self._label_count:06d}")
+            seed = ctx.config.seed * 1_000_003 + SEED_OFFSET + self._label_count
+            self._label_count += 1
+            futures.append(ctx.executor.submit(s.atoms, ctx.reference_spec, workdir, ctx.faults, seed=seed))
+            ctx.events.emit("label_submitted", phase="test", structure=s.structure, step=s.md_step,
+                            temperature_index=index)
+        for (s, key), future in zip(fresh, futures, strict=True):
+            with ctx.clock.measure("waiting"):
+                outcome = outcome_of(future)
+            ctx.clock.add("labelling", outcome.wall_s)
+            if isinstance(outcome, LabelFailure):
+                ctx.events.emit("label_failed", phase="test", kind=outcome.kind.value, message=outcome.message)
+                continue
+            ctx.events.emit("label_done", phase="test", wall_s=outcome.wall_s)
+            done.append(self._store(s, key, outcome))
+        return done
+
+    def _store(self, sampled: SampledFrame, key: tuple[int, int], result: LabelResult) -> LabelledFrame:
+        frame = self.ctx.store_label(sampled.atoms, result, "test", origin="test", trajectory=key[0], md_step=key[1])
+        self.stored[key] = frame
+        return frame
+
+    def _check_stop(self) -> None:
+        signum = int(self.ctx.should_stop())
+        if signum:
+            self.ctx.events.emit("test_interrupted", signal=signum, frames=len(self.frames))
+            raise CampaignInterrupted(signum)
