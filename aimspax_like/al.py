@@ -41,7 +41,7 @@ def _energy_gate(ctx: RunContext) -> EnergyGate | None:
     gate = EnergyGate(limit)
     for frame in ctx.store.frames():
         if frame.split in ("train", "valid"):
-            gate.add(frame.numbers, frame.energy)
+            gate.add(frame.numbers, frame.energy, reference=frame.origin == "idg")
     return gate
 
 

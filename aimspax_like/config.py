@@ -293,6 +293,9 @@ class GuardsConfig(_Strict):
     bond_stretch_factor: float = Field(
         1.5, gt=1, description="A start bond longer than this x its start length fails (topology)."
     )
+    bond_compress_factor: float = Field(
+        0.75, gt=0, lt=1, description="A start bond shorter than this x its start length fails (topology)."
+    )
     nonbonded_factor: float = Field(
         1.2, gt=0, description="Non-metal atoms not bonded at the start closer than this x their "
         "covalent-radius sum fail (a new bond; topology).",

@@ -17,7 +17,8 @@ Absolute limits (say, atoms closer than 0.5 A) are too loose for molecules whose
   covalent radii; for molecules (``topology``), no two non-metal atoms that were not bonded at
   the start closer than ``nonbonded_factor`` times that sum (a new bond is chemistry the
   campaign did not ask for); no bond of the start topology (non-metal pairs within 1.2 times
-  their covalent radii) longer than ``bond_stretch_factor`` times its start length.
+  their covalent radii) longer than ``bond_stretch_factor`` or shorter than
+  ``bond_compress_factor`` times its start length.
 - ``TemperatureGuard``: the kinetic temperature stays below ``temperature_factor`` times the
   target (widened for very small systems, whose temperature fluctuates more).
 - ``VolumeGuard`` (periodic cells): the volume stays within a factor of the start volume.
@@ -103,6 +104,7 @@ class CloseContactGuard:
         topology: bool = True,
         nonbonded_factor: float = 1.2,
         bond_stretch_factor: float = 1.5,
+        bond_compress_factor: float = 0.75,
     ) -> None:
         self.radii = _radii(start)
         self.nonmetal = np.isin(start.numbers, list(NON_METALS))
@@ -110,6 +112,7 @@ class CloseContactGuard:
         self.topology = topology
         self.nonbonded_factor = nonbonded_factor
         self.stretch = bond_stretch_factor
+        self.compress = bond_compress_factor
         if topology:
             self.i, self.j, self.length0 = start_bonds(start)
         else:
@@ -136,6 +139,10 @@ class CloseContactGuard:
             if ratio[worst] > self.stretch:
                 return (f"bond {self.i[worst]}-{self.j[worst]} stretched to {length[worst]:.2f} A "
                         f"({ratio[worst]:.2f} x its start length; limit {self.stretch})")
+            worst = int(np.argmin(ratio))
+            if ratio[worst] < self.compress:
+                return (f"bond {self.i[worst]}-{self.j[worst]} compressed to {length[worst]:.2f} A "
+                        f"({ratio[worst]:.2f} x its start length; limit {self.compress})")
         return None
 
     def _contacts(self, atoms: Atoms) -> str | None:
@@ -212,7 +219,7 @@ def build_guards(start: Atoms, target_K: float, config: GuardsConfig) -> list[Gu
         guards.append(VolumeGuard(start, config.volume_factor))
     guards.append(CloseContactGuard(
         start, config.min_distance_factor, topology_applies(start, config.topology),
-        config.nonbonded_factor, config.bond_stretch_factor,
+        config.nonbonded_factor, config.bond_stretch_factor, config.bond_compress_factor,
     ))
     return guards
 

@@ -1,4 +1,4 @@
-"""The energy gate: a label far above every energy the campaign has seen is kept out of training.
+"""The energy gate: a label far above the energies the system visits is kept out of training.
 
 The reference labels whatever it is given. A geometry that passed the guards can still be
 unphysical in ways no cheap geometric check sees (a strained ring, a torsion no thermal motion
@@ -6,13 +6,21 @@ reaches), and its reference energy then lies eV above everything the system visi
 target temperature. Training on it spends model capacity where no simulation will ever go and
 shifts the fitted energies (the per-element energy refit follows it too).
 
-``EnergyGate`` keeps the energies per atom of the accepted labels, per composition, and calls a
-new label an outlier when it lies more than ``limit`` spreads (standard deviations) above their
-mean. Only the high side is gated: a label far *below* the seen energies is a newly found
-low-energy region, which is exactly what exploration is for. With fewer than ``min_count``
-accepted labels of a composition the gate lets everything through (no spread to measure yet).
-The spread has a floor (``floor_ev_per_atom``) so that a campaign of near-identical frames does
-not call ordinary thermal motion an outlier.
+``EnergyGate`` measures the thermal distribution of energies per atom, per composition, on the
+*reference* frames of the initial dataset (reference or foundation MD at the IDG temperature:
+an unbiased sample, unlike active-learning labels, which are chosen for being unusual and
+would let the bound creep upwards label by label). A new label is an outlier when its energy
+per atom lies more than ``limit`` spreads (standard deviations) above that distribution's mean.
+For harmonic motion, the mean at 1.4 times the IDG temperature lies about 1.5 spreads higher
+and its hottest frames about 5, so the default of 6 keeps hot but physical frames.
+
+Only the high side is gated: a label far *below* is a newly found low-energy region, which is
+exactly what exploration is for. A held label is *confirmed* (released into training) once an
+accepted label lands within one spread of it: the region is then reached by ordinary sampling,
+not by one runaway trajectory. A composition without enough reference frames (``min_count``)
+is measured on its accepted labels instead; with none, the gate lets everything through. The
+spread has a floor (``floor_ev_per_atom``) so near-identical frames do not make ordinary
+thermal motion look like an outlier.
 """
 
 from __future__ import annotations
@@ -21,33 +29,45 @@ from collections import defaultdict
 
 import numpy as np
 
+Composition = tuple[tuple[int, int], ...]
 
-def composition(numbers: np.ndarray) -> tuple[tuple[int, int], ...]:
+
+def composition(numbers: np.ndarray) -> Composition:
     values, counts = np.unique(np.asarray(numbers, dtype=int), return_counts=True)
     return tuple((int(z), int(n)) for z, n in zip(values, counts, strict=True))
 
 
 class EnergyGate:
-    def __init__(self, limit: float, min_count: int = 5, floor_ev_per_atom: float = 1e-3) -> None:
+    def __init__(self, limit: float, min_count: int = 3, floor_ev_per_atom: float = 1e-3) -> None:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self.limit = float(limit)
         self.min_count = int(min_count)
         self.floor = float(floor_ev_per_atom)
-        self._seen: dict[tuple[tuple[int, int], ...], list[float]] = defaultdict(list)
+        self._reference: dict[Composition, list[float]] = defaultdict(list)
+        self._accepted: dict[Composition, list[float]] = defaultdict(list)
 
-    def add(self, numbers: np.ndarray, energy: float) -> None:
-        """Record an accepted label."""
+    def add(self, numbers: np.ndarray, energy: float, reference: bool = False) -> None:
+        """Record a label: a thermal reference frame (IDG) or an accepted AL label."""
         if np.isfinite(energy):
-            self._seen[composition(numbers)].append(float(energy) / len(numbers))
+            target = self._reference if reference else self._accepted
+            target[composition(numbers)].append(float(energy) / len(numbers))
+
+    def _sample(self, numbers: np.ndarray) -> list[float]:
+        key = composition(numbers)
+        reference = self._reference.get(key, [])
+        return reference if len(reference) >= self.min_count else self._accepted.get(key, [])
+
+    def spread(self, numbers: np.ndarray) -> float:
+        sample = self._sample(numbers)
+        return max(float(np.std(sample)), self.floor) if len(sample) >= self.min_count else float("inf")
 
     def bound(self, numbers: np.ndarray) -> float:
-        """The highest energy per atom accepted for this composition now (inf while unknown)."""
-        seen = self._seen.get(composition(numbers), [])
-        if len(seen) < self.min_count:
+        """The highest energy per atom trained on for this composition (inf while unknown)."""
+        sample = self._sample(numbers)
+        if len(sample) < self.min_count:
             return float("inf")
-        spread = max(float(np.std(seen)), self.floor)
-        return float(np.mean(seen)) + self.limit * spread
+        return float(np.mean(sample)) + self.limit * self.spread(numbers)
 
     def outlier(self, numbers: np.ndarray, energy: float) -> str | None:
         """Why this label must be held back, or None when it may be trained on."""
@@ -56,8 +76,12 @@ class EnergyGate:
             return "non-finite energy"
         bound = self.bound(numbers)
         if per_atom > bound:
-            seen = self._seen[composition(numbers)]
-            spreads = (per_atom - float(np.mean(seen))) / max(float(np.std(seen)), self.floor)
+            sample = self._sample(numbers)
+            spreads = (per_atom - float(np.mean(sample))) / self.spread(numbers)
             return (f"energy {per_atom:.4f} eV/atom is {spreads:.1f} spreads above the mean of "
-                    f"{len(seen)} accepted labels (limit {self.limit:g}, bound {bound:.4f} eV/atom)")
+                    f"{len(sample)} frames (limit {self.limit:g}, bound {bound:.4f} eV/atom)")
         return None
+
+    def confirms(self, numbers: np.ndarray, held_energy: float, accepted_energy: float) -> bool:
+        """Does an accepted label (same composition) land within one spread of a held one?"""
+        return abs(held_energy - accepted_energy) / len(numbers) <= self.spread(numbers)

@@ -397,16 +397,17 @@ class ALScheduler:
             others_md_steps=others,
         )
         self._after_stored(trajectory, frame)
-        self._release_held()
+        self._release_held(frame.numbers, outcome.energy)
         self._notify("label")
 
-    def _release_held(self) -> None:
-        """Held labels that the accepted data now reach join training (in the order found)."""
+    def _release_held(self, numbers: np.ndarray, accepted_energy: float) -> None:
+        """Held labels that an accepted label now confirms join training (in the order found)."""
         if self.energy_gate is None:
             return
         for item in list(self.held):
             frame, outcome, provenance = item
-            if self.energy_gate.outlier(frame.numbers, outcome.energy) is None:
+            same = len(frame) == len(numbers) and np.array_equal(np.sort(frame.numbers), np.sort(numbers))
+            if same and self.energy_gate.confirms(numbers, outcome.energy, accepted_energy):
                 self.held.remove(item)
                 stored = self.sink(frame, outcome, {**provenance, "release": True})
                 self.committee.add(stored)

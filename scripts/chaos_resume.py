@@ -59,7 +59,7 @@ def campaign_config(workdir: Path, md_steps: int, train_size: int, delay_s: floa
                "max_md_steps": md_steps, "intermediate_epochs": 1, "max_epochs_per_point": 2,
                "valid_ratio": 0.25, "md": {"temperature_K": 400}},
         "converge": {"patience": 3, "max_epochs": 8},
-        "test_set": {"size": 3, "stride": 5, "md": {"temperature_K": 300}},
+        "test_set": {"size": 3, "stride": 5},  # 3 frames at each of two temperatures
         "cluster": {"kind": "local", "max_workers": 2},
         "output": {"directory": str(workdir / "run")},
         "seed": 3,

@@ -128,7 +128,7 @@ def test_filters_and_counts(tmp_path, rng):
     assert store.frames(split="valid", origin="al") == []
     assert store.counts() == {
         "total": 5,
-        "split": {"train": 3, "valid": 1, "test": 1},
+        "split": {"train": 3, "valid": 1, "test": 1, "held": 0},
         "origin": {"idg": 3, "al": 1, "test": 1, "analysis": 0},
     }
     atoms = store.atoms(split="test")
@@ -298,3 +298,19 @@ def test_data_package_stays_import_light():
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_held_frame_is_released_durably(tmp_path, rng):
+    store = DatasetStore.create(tmp_path / "data.h5")
+    store.extend([molecule(rng, split="train", origin="al", trajectory=0, md_step=10),
+                  molecule(rng, split="held", origin="al", trajectory=1, md_step=20)])
+    assert store.counts()["split"]["held"] == 1
+    index = store.index_of("al", 1, 20)
+    store.set_split(index, "train")
+    again = DatasetStore.open(tmp_path / "data.h5")
+    assert [f.split for f in again.frames()] == ["train", "train"]
+    assert again.frames()[1].md_step == 20  # nothing else in the row changed
+    with pytest.raises(ValueError):
+        again.set_split(0, "bogus")
+    with pytest.raises(KeyError):
+        again.index_of("al", 5, 5)

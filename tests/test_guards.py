@@ -63,6 +63,9 @@ def test_bond_stretch_follows_the_start_length_not_an_absolute_distance():
     stretched.positions[h] = stretched.positions[c] + 1.7 * bond
     reason = guard.check(stretched)
     assert reason is not None and "stretched" in reason
+    squeezed = ethanol.copy()
+    squeezed.positions[h] = squeezed.positions[c] + 0.65 * bond  # 0.71 A: above 0.6 x covalent radii
+    assert "compressed" in guard.check(squeezed)
     slightly = ethanol.copy()
     slightly.positions[h] = slightly.positions[c] + 1.2 * bond  # a hot vibration: fine
     assert guard.check(slightly) is None
@@ -117,12 +120,27 @@ def test_energy_gate_holds_only_far_high_energies():
     numbers = np.array([29] * 4)
     rng = np.random.default_rng(0)
     for e in rng.normal(-1.0, 0.01, size=20) * 4:
-        gate.add(numbers, e)
+        gate.add(numbers, e, reference=True)
     assert gate.outlier(numbers, -1.0 * 4) is None
     assert gate.outlier(numbers, -5.0 * 4) is None  # far below: a new low-energy region, welcome
     assert "spreads above" in gate.outlier(numbers, -0.5 * 4)
     other = np.array([29, 29, 29, 79])  # another composition has no history yet: not gated
     assert gate.outlier(other, 100.0) is None
+
+
+def test_accepted_labels_cannot_ratchet_the_energy_bound_up():
+    gate = EnergyGate(6.0)
+    numbers = np.array([29] * 4)
+    for e in np.linspace(-1.01, -0.99, 10) * 4:
+        gate.add(numbers, e, reference=True)
+    bound = gate.bound(numbers)
+    for _ in range(50):  # AL labels chosen for being unusual, each just under the bound
+        gate.add(numbers, (bound - 1e-4) * 4)
+    assert gate.bound(numbers) == bound
+    held = (bound + 0.5 * gate.spread(numbers)) * 4
+    assert gate.outlier(numbers, held)
+    assert gate.confirms(numbers, held, (bound - 0.2 * gate.spread(numbers)) * 4)
+    assert not gate.confirms(numbers, held, -1.0 * 4)
 
 
 def test_scheduler_rewinds_a_trajectory_a_guard_flags(tmp_path):
@@ -204,8 +222,7 @@ def test_energy_outliers_are_held_out_of_training_and_rewind(tmp_path):
                       md=MDConfig(temperature_K=300))
     scheduler, executor, events, stored = _make(tmp_path, config)
     scheduler.executor = _Outliers(executor)
-    gate = EnergyGate(6.0, min_count=2)
-    scheduler.energy_gate = gate
+    scheduler.energy_gate = EnergyGate(6.0, min_count=2)
     base = scheduler.sink
 
     def sink(atoms, result, provenance):
