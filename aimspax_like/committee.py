@@ -102,6 +102,10 @@ class Committee:
         prediction = self.ensemble.predict(structures)
         return [prediction.forces_of(s) for s in range(len(structures))]
 
+    def committee_energies(self, structures: list[Atoms]) -> np.ndarray:
+        """Every member's total energy of every structure, ``[n_members, n_structures]`` (eV)."""
+        return self.ensemble.predict(structures).energies
+
     def valid_force_mae(self) -> float:
         """Mean over members of the latest validation force MAE (inf before any training)."""
         if not self.last_metrics:

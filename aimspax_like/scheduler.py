@@ -62,6 +62,9 @@ class Status(str, Enum):
 
 
 class CommitteeLike(Protocol):
+    """What the scheduler needs of the committee (``committee_energies`` ``[M, S]`` is optional:
+    with it, frames the committee places far above the seen energies are not sent to the reference)."""
+
     def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]: ...
     def add(self, frame: LabelledFrame) -> None: ...
     def train_round(self, epochs: int) -> list[Any]: ...
@@ -270,9 +273,19 @@ class ALScheduler:
                                  delta=delta, limit=self.trust_factor * threshold)
                 self._rewind(trajectory)
                 continue
-            trusted.append(delta)
             if delta > threshold and self._may_submit(trajectory):
+                reason = self._predicted_energy_too_high(trajectory)
+                if reason:
+                    # The committee places this frame far above the energies the system visits:
+                    # the energy gate would hold its label anyway, so the reference is not asked.
+                    self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step,
+                                     reason=reason)
+                    self._rewind(trajectory)
+                    continue
+                trusted.append(delta)
                 self._submit(trajectory, delta, threshold)
+            else:
+                trusted.append(delta)
         self.threshold.update(trusted)
         if (
             self.config.freeze_threshold_at is not None
@@ -281,6 +294,16 @@ class ALScheduler:
         ):
             self.threshold.freeze()
             self.events.emit("threshold_frozen", value=self.threshold.value)
+
+    def _predicted_energy_too_high(self, trajectory: Trajectory) -> str | None:
+        """The energy gate applied to the committee's mean energy, before any reference call."""
+        predict = getattr(self.committee, "committee_energies", None)
+        if self.energy_gate is None or predict is None:
+            return None
+        atoms = trajectory.md.atoms
+        energy = float(np.mean(predict([atoms])[:, 0]))
+        reason = self.energy_gate.outlier(atoms.numbers, energy)
+        return f"predicted {reason}" if reason else None
 
     def _may_submit(self, trajectory: Trajectory) -> bool:
         if len(self._in_flight) >= self.max_in_flight or trajectory.status != Status.RUNNING:

@@ -258,3 +258,29 @@ def test_guard_config_rejects_meaningless_limits(factor):
 
     with pytest.raises(ValidationError):
         GuardsConfig(bond_stretch_factor=factor)
+
+
+def test_frames_the_committee_places_far_too_high_are_not_sent_to_the_reference(tmp_path):
+    from test_scheduler import SpreadCommittee
+
+    class HighEnergies(SpreadCommittee):
+        def committee_energies(self, structures):
+            return np.full((self.n_members, len(structures)), 1000.0)  # far above every EMT energy
+
+    config = ALConfig(num_trajectories=2, check_every=1, warmup=3, c_x=-0.5, max_train_set_size=50,
+                      max_md_steps=30, md=MDConfig(temperature_K=300))
+    scheduler, executor, events, stored = _make(tmp_path, config, committee=HighEnergies())
+    gate = EnergyGate(6.0)
+    for e in np.linspace(-0.01, 0.01, 10):
+        gate.add(np.array([29] * 4), e, reference=True)
+    scheduler.energy_gate = gate
+    for seed in (1, 2):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=seed)
+        scheduler.add_trajectory(atoms)
+    with executor:
+        scheduler.run()
+    events.close()
+    log = read_events(tmp_path / "events.jsonl")
+    assert not stored and not [e for e in log if e["event"] == "label_submitted"]
+    assert [e for e in log if e["event"] == "md_unstable" and e["reason"].startswith("predicted energy")]

@@ -113,7 +113,8 @@ def guard_counts(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _guard_name(reason: str) -> str:
-    for word, name in (("stretched", "bond stretch"), ("not bonded", "new contact"), ("apart", "close contact"),
+    for word, name in (("predicted energy", "predicted energy"), ("stretched", "bond stretch"),
+                       ("compressed", "bond compression"), ("not bonded", "new contact"), ("apart", "close contact"),
                        ("temperature", "temperature"), ("volume", "volume"), ("non-finite", "non-finite")):
         if word in reason:
             return name
