@@ -38,7 +38,8 @@ def _energy_gate(ctx: RunContext) -> EnergyGate | None:
     limit = ctx.config.al.guards.energy_outlier
     if limit is None:
         return None
-    gate = EnergyGate(limit)
+    hottest = max(ctx.config.al.md_for(k).temperature_K for k in range(ctx.config.al.num_trajectories))
+    gate = EnergyGate(limit, temperature_K=hottest)
     for frame in ctx.store.frames():
         if frame.split in ("train", "valid"):
             gate.add(frame.numbers, frame.energy, reference=frame.origin == "idg")

@@ -19,8 +19,9 @@ exactly what exploration is for. A held label is *confirmed* (released into trai
 accepted label lands within one spread of it: the region is then reached by ordinary sampling,
 not by one runaway trajectory. A composition without enough reference frames (``min_count``)
 is measured on its accepted labels instead; with none, the gate lets everything through. The
-spread has a floor (``floor_ev_per_atom``) so near-identical frames do not make ordinary
-thermal motion look like an outlier.
+spread has floors (``floor_ev_per_atom`` and, given the temperature, half the harmonic thermal
+spread) so that a few near-identical initial frames do not make ordinary thermal motion look
+like an outlier.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections import defaultdict
 import numpy as np
 
 Composition = tuple[tuple[int, int], ...]
+KB_EV = 8.617333262e-5  # Boltzmann constant, eV/K
 
 
 def composition(numbers: np.ndarray) -> Composition:
@@ -38,10 +40,13 @@ def composition(numbers: np.ndarray) -> Composition:
 
 
 class EnergyGate:
-    def __init__(self, limit: float, min_count: int = 3, floor_ev_per_atom: float = 1e-3) -> None:
+    def __init__(
+        self, limit: float, temperature_K: float | None = None, min_count: int = 3, floor_ev_per_atom: float = 1e-3
+    ) -> None:
         if limit <= 0:
             raise ValueError("limit must be positive")
         self.limit = float(limit)
+        self.temperature_K = temperature_K
         self.min_count = int(min_count)
         self.floor = float(floor_ev_per_atom)
         self._reference: dict[Composition, list[float]] = defaultdict(list)
@@ -60,7 +65,21 @@ class EnergyGate:
 
     def spread(self, numbers: np.ndarray) -> float:
         sample = self._sample(numbers)
-        return max(float(np.std(sample)), self.floor) if len(sample) >= self.min_count else float("inf")
+        if len(sample) < self.min_count:
+            return float("inf")
+        return max(float(np.std(sample)), self.floor, self.thermal_floor(len(numbers)))
+
+    def thermal_floor(self, n_atoms: int) -> float:
+        """Half the harmonic estimate of the potential energy's spread per atom at the AL temperature.
+
+        For N atoms in harmonic wells the potential energy fluctuates by sqrt(3N/2) k_B T, i.e.
+        sqrt(3 / 2N) k_B T per atom. Reference MD with weak friction samples somewhat less
+        (measured about 0.6 of it for ethanol at 500 K), so half of it is a floor that a
+        handful of initial frames cannot undercut by chance.
+        """
+        if self.temperature_K is None:
+            return 0.0
+        return 0.5 * float(np.sqrt(1.5 / n_atoms)) * KB_EV * self.temperature_K
 
     def bound(self, numbers: np.ndarray) -> float:
         """The highest energy per atom trained on for this composition (inf while unknown)."""

@@ -284,3 +284,15 @@ def test_frames_the_committee_places_far_too_high_are_not_sent_to_the_reference(
     log = read_events(tmp_path / "events.jsonl")
     assert not stored and not [e for e in log if e["event"] == "label_submitted"]
     assert [e for e in log if e["event"] == "md_unstable" and e["reason"].startswith("predicted energy")]
+
+
+def test_a_few_near_identical_initial_frames_do_not_make_thermal_motion_an_outlier():
+    numbers = _ethanol().numbers
+    gate = EnergyGate(6.0, temperature_K=500.0)
+    for e in (-310.0, -310.0005, -310.001):  # three initial frames, almost the same energy
+        gate.add(numbers, e, reference=True)
+    thermal = gate.thermal_floor(len(numbers))
+    assert thermal == pytest.approx(0.5 * np.sqrt(1.5 / 9) * 8.617333262e-5 * 500.0)
+    hot_but_physical = -310.0 + 9 * 3 * thermal  # three floors above: an ordinary hot frame
+    assert gate.outlier(numbers, hot_but_physical) is None
+    assert gate.outlier(numbers, -310.0 + 9 * 8 * thermal)
