@@ -738,6 +738,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--idg-frames-per-member", type=int,
                         help="IDG training frames per member, 5 per round (default 12, the quickstart's 60 frames)")
     parser.add_argument("--weak-start", action="store_true", help="one IDG round of 5 frames per member")
+    parser.add_argument("--unguarded", action="store_true",
+                        help="the engine as it was before guards: no guards, no energy gate, no IDG probe")
     parser.add_argument("--al-max-md-steps", type=int, default=10000, help="AL MD steps per trajectory")
     parser.add_argument("--no-campaign-converge", action="store_true", help="skip the campaign's own converge")
     parser.add_argument("--energy-margin", type=float, default=1.0, help="independent check's energy margin")
@@ -746,6 +748,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="smoke run: sizes 8,16, seed 0, test size 8, patience 10, max 30 epochs, IDG 1/member")
     parser.add_argument("--out", type=Path, help="output folder (default runs/data_efficiency[_weak|_quick])")
     return parser
+
+
+# The engine with every safeguard of the exploration switched off (for before/after comparisons).
+UNGUARDED = {"al": {"guards": {"enabled": False, "energy_outlier": None}}, "idg": {"probe_steps": 0}}
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -763,6 +769,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         campaign_converge=not args.no_campaign_converge,
         al_max_md_steps=args.al_max_md_steps,
         workers=args.workers,
+        campaign_overrides=UNGUARDED if args.unguarded else {},
     )
 
 
@@ -783,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown system(s) {unknown}; choose from {list(SYSTEMS)}", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
-    out = args.out or Path("runs/data_efficiency" + ("_quick" if args.quick else "_weak" if args.weak_start else ""))
+    suffix = ("_quick" if args.quick else "_weak" if args.weak_start else "") + ("_unguarded" if args.unguarded else "")
+    out = args.out or Path("runs/data_efficiency" + suffix)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = load_results(results_path)
