@@ -79,8 +79,9 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     checkpoint = ctx.paths.state / AL_CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
+        stored_splits = {(f.trajectory, f.md_step): f.split for f in ctx.store.frames(origin="al")}
         counts = restore_scheduler(
-            scheduler, state["al"], lambda p: ctx.is_stored(p["origin"], p["trajectory"], p["md_step"])
+            scheduler, state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"]))
         )
         ctx.events.emit("phase_resume", phase="al", checkpoint_event=state.get("event"), **counts)
     else:

@@ -452,13 +452,20 @@ class ALScheduler:
             kind, 0
         )
 
-    def adopt(self, label_id: int, index: int, frame: Atoms) -> None:
+    def adopt(self, label_id: int, index: int, frame: Atoms, held: bool = False) -> None:
         """A label of a checkpoint that was stored before the kill: count it, never store it again.
 
-        The frame is already in the dataset (and in the committee, which is rebuilt from it).
+        The frame is already in the dataset (and in the committee, which is rebuilt from it,
+        unless the energy gate held it: then its trajectory rewinds, as it would have).
         """
-        self.events.emit("label_adopted", label=label_id, trajectory=index)
-        self._after_stored(self.trajectories[index], frame)
+        self.events.emit("label_adopted", label=label_id, trajectory=index, held=held)
+        trajectory = self.trajectories[index]
+        if held:
+            trajectory.labels_held += 1
+            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
+                self._rewind(trajectory)
+            return
+        self._after_stored(trajectory, frame)
 
     def _after_stored(self, trajectory: Trajectory, frame: Atoms) -> None:
         trajectory.labels_done += 1

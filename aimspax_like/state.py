@@ -190,6 +190,7 @@ def restore_scheduler(scheduler: Any, state: dict[str, Any], is_stored: Any) -> 
     """Put a checkpoint back into a scheduler whose trajectories were added as for a fresh run.
 
     Labels that were in flight are adopted when ``is_stored(provenance)`` says the dataset has
+    them (it may return the stored split: a 'held' label is adopted as held)
     them and submitted again otherwise. Returns how many of each.
     """
     from aimspax_like.scheduler import Status
@@ -223,8 +224,9 @@ def restore_scheduler(scheduler: Any, state: dict[str, Any], is_stored: Any) -> 
     counts = {"adopted": 0, "resubmitted": 0}
     for label in state["in_flight"]:
         frame = _atoms_from(label["frame"])
-        if is_stored(label["provenance"]):
-            scheduler.adopt(label["label"], label["trajectory"], frame)
+        stored = is_stored(label["provenance"])
+        if stored:
+            scheduler.adopt(label["label"], label["trajectory"], frame, held=stored == "held")
             counts["adopted"] += 1
         else:
             scheduler.launch(label["label"], label["trajectory"], frame, label["provenance"])
