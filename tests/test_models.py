@@ -300,3 +300,23 @@ def test_unavailable_named_models_are_config_errors(name, tmp_path, monkeypatch)
 def _no_network(*args, **kwargs):
     """Stands in for DNS so the test behaves the same with or without internet access."""
     raise OSError("network disabled in tests")
+
+
+def test_pair_repulsion_pushes_fused_atoms_apart_and_survives_a_save(tmp_path):
+    from mace.calculators import MACECalculator
+
+    frames = rattled(4)
+    zs = [29, 79]
+    kwargs = dict(atomic_numbers=zs, atomic_energies=atomic_energies_from_data(frames, zs),
+                  avg_num_neighbors=average_neighbors(frames, 4.5), scale=force_scale(frames))
+    plain = MACEEnsemble.build(ModelConfig(**TINY, ensemble_size=1), seeds=[0], **kwargs)
+    zbl = MACEEnsemble.build(ModelConfig(**TINY, ensemble_size=1, pair_repulsion=True), seeds=[0], **kwargs)
+    dimers = [Atoms("Cu2", positions=[[0, 0, 0], [d, 0, 0]]) for d in (0.4, 2.5)]
+    close, far = zbl.predict(dimers).energies[0] - plain.predict(dimers).energies[0]
+    assert close > 10.0 and abs(far) < 1e-3  # strong at 0.4 A, nothing left at 2.5 A (cut off)
+    # The atoms are pushed apart: the force on atom 1 points along +x.
+    assert zbl.predict(dimers[:1]).forces_of(0)[0, 1, 0] > 10.0
+    path = zbl.save(tmp_path)[0]
+    atoms = dimers[0].copy()
+    atoms.calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    assert atoms.get_potential_energy() == pytest.approx(zbl.predict(dimers[:1]).energies[0, 0], abs=1e-8)
