@@ -738,6 +738,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--idg-frames-per-member", type=int,
                         help="IDG training frames per member, 5 per round (default 12, the quickstart's 60 frames)")
     parser.add_argument("--weak-start", action="store_true", help="one IDG round of 5 frames per member")
+    parser.add_argument("--campaign", action="append", default=[], metavar="KEY=VALUE",
+                        help="a campaign setting for the AL runs, dotted key and YAML value (repeatable), "
+                        "e.g. al.guards.energy_outlier=12")
     parser.add_argument("--unguarded", action="store_true",
                         help="the engine as it was before guards: no guards, no energy gate, no IDG probe")
     parser.add_argument("--al-max-md-steps", type=int, default=10000, help="AL MD steps per trajectory")
@@ -769,8 +772,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         campaign_converge=not args.no_campaign_converge,
         al_max_md_steps=args.al_max_md_steps,
         workers=args.workers,
-        campaign_overrides=UNGUARDED if args.unguarded else {},
+        campaign_overrides=_merge(UNGUARDED if args.unguarded else {}, _dotted_settings(args.campaign)),
     )
+
+
+def _dotted_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``["al.guards.energy_outlier=12"]`` -> ``{"al": {"guards": {"energy_outlier": 12}}}``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 def _quiet() -> None:
