@@ -121,6 +121,40 @@ class RunContext:
         )
         return frame
 
+    def label_on_workers(
+        self, phase: str, frames: list[Atoms], first_label: int, seed_offset: int = 0,
+        fields: list[dict[str, Any]] | None = None,
+    ) -> list[LabelResult | None]:
+        """Label frames on the workers in parallel (IDG and test-set batches); a failure is None.
+
+        Label ``k`` gets the scratch folder ``labels/<phase>_<first_label + k>`` and a seed of its
+        own; every label is a ``label_submitted`` and a ``label_done`` / ``label_failed`` event
+        (with ``phase``, so the AL overlap analysis leaves it out).
+        """
+        from aimspax_like.reference.results import LabelFailure
+        from aimspax_like.scheduler import outcome_of
+
+        fields = fields or [{} for _ in frames]
+        futures = []
+        for k, (atoms, extra) in enumerate(zip(frames, fields, strict=True)):
+            number = first_label + k
+            workdir = str(self.paths.labels / f"{phase}_{number:06d}")
+            seed = self.config.seed * 1_000_003 + seed_offset + number
+            futures.append(self.executor.submit(atoms, self.reference_spec, workdir, self.faults, seed=seed))
+            self.events.emit("label_submitted", phase=phase, **extra)
+        results: list[LabelResult | None] = []
+        for future in futures:
+            with self.clock.measure("waiting"):
+                outcome = outcome_of(future)
+            self.clock.add("labelling", outcome.wall_s)
+            if isinstance(outcome, LabelFailure):
+                self.events.emit("label_failed", phase=phase, kind=outcome.kind.value, message=outcome.message)
+                results.append(None)
+            else:
+                self.events.emit("label_done", phase=phase, wall_s=outcome.wall_s)
+                results.append(outcome)
+        return results
+
     def release_label(self, origin: str, trajectory: int, md_step: int, split: str) -> LabelledFrame:
         """A held label joins ``split`` (durably: the store's split column is rewritten)."""
         index = self.store.index_of(origin, trajectory, md_step)

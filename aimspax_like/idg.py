@@ -28,9 +28,8 @@ from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
 from aimspax_like.probe import ProbeResult, probe_committee
-from aimspax_like.reference.results import LabelFailure, LabelResult
+from aimspax_like.reference.results import LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
-from aimspax_like.scheduler import outcome_of as _outcome_of
 from aimspax_like.state import CampaignInterrupted
 
 
@@ -217,25 +216,12 @@ class IDGPhase:
         ctx = self.ctx
         with ctx.clock.measure("md"):
             sampled = [s for s in (sampler.next_frame() for _ in range(batch)) if not self._stored(s)]
-        futures = []
-        for s in sampled:
-            workdir = str(ctx.paths.labels / f"idg_{self._label_count:06d}")
-            seed = ctx.config.seed * 1_000_003 + self._label_count
-            self._label_count += 1
-            futures.append(ctx.executor.submit(s.atoms, ctx.reference_spec, workdir, ctx.faults, seed=seed))
-            ctx.events.emit("label_submitted", phase="idg", structure=s.structure, step=s.md_step)
-        labelled = []
-        for s, future in zip(sampled, futures, strict=True):
-            with ctx.clock.measure("waiting"):
-                outcome = _outcome_of(future)
-            ctx.clock.add("labelling", outcome.wall_s)
-            if isinstance(outcome, LabelFailure):
-                ctx.events.emit("label_failed", phase="idg", kind=outcome.kind.value, message=outcome.message)
-                continue
-            ctx.events.emit("label_done", phase="idg", wall_s=outcome.wall_s)
-            labelled.append((s.atoms, outcome, s))
-        return labelled
-
+        results = ctx.label_on_workers(
+            "idg", [s.atoms for s in sampled], self._label_count,
+            fields=[{"structure": s.structure, "step": s.md_step} for s in sampled],
+        )
+        self._label_count += len(sampled)
+        return [(s.atoms, r, s) for s, r in zip(sampled, results, strict=True) if r is not None]
 
     def _stored(self, sampled: SampledFrame) -> bool:
         return self.ctx.is_stored("idg", sampled.structure, sampled.md_step)

@@ -36,9 +36,8 @@ from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import ConfigError
-from aimspax_like.reference.results import LabelFailure, LabelResult
+from aimspax_like.reference.results import LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
-from aimspax_like.scheduler import outcome_of
 from aimspax_like.state import CampaignInterrupted
 from aimspax_like.uncertainty import max_atomic_uncertainty
 
@@ -202,23 +201,14 @@ class _TestSampling:
                 done.append(self._store(s, key, result))
             else:
                 fresh.append((s, key))
-        futures = []
-        for s, _ in fresh:
-            workdir = str(ctx.paths.labels / f"test_{self._label_count:06d}")
-            seed = ctx.config.seed * 1_000_003 + SEED_OFFSET + self._label_count
-            self._label_count += 1
-            futures.append(ctx.executor.submit(s.atoms, ctx.reference_spec, workdir, ctx.faults, seed=seed))
-            ctx.events.emit("label_submitted", phase="test", structure=s.structure, step=s.md_step,
-                            temperature_index=index)
-        for (s, key), future in zip(fresh, futures, strict=True):
-            with ctx.clock.measure("waiting"):
-                outcome = outcome_of(future)
-            ctx.clock.add("labelling", outcome.wall_s)
-            if isinstance(outcome, LabelFailure):
-                ctx.events.emit("label_failed", phase="test", kind=outcome.kind.value, message=outcome.message)
-                continue
-            ctx.events.emit("label_done", phase="test", wall_s=outcome.wall_s)
-            done.append(self._store(s, key, outcome))
+        results = ctx.label_on_workers(
+            "test", [s.atoms for s, _ in fresh], self._label_count, seed_offset=SEED_OFFSET,
+            fields=[{"structure": s.structure, "step": s.md_step, "temperature_index": index} for s, _ in fresh],
+        )
+        self._label_count += len(fresh)
+        for (s, key), result in zip(fresh, results, strict=True):
+            if result is not None:
+                done.append(self._store(s, key, result))
         return done
 
     def _store(self, sampled: SampledFrame, key: tuple[int, int], result: LabelResult) -> LabelledFrame:
