@@ -170,19 +170,24 @@ def test_al_builds_the_default_guards():
     assert ALConfig().guards.enabled
 
 
-def test_trust_bound_rewinds_instead_of_labelling(tmp_path):
-    config = ALConfig(num_trajectories=2, check_every=1, warmup=3, max_train_set_size=50, max_md_steps=40,
-                      md=MDConfig(temperature_K=300))
-    scheduler, executor, events, _ = _make(tmp_path, config)
-    scheduler.trust_factor = 1.5
+def _run_two_cells(scheduler, executor, events, tmp_path):
+    """Two rattled Cu cells through the scheduler; returns its result and the event log."""
     for seed in (1, 2):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
         atoms.rattle(0.05, seed=seed)
         scheduler.add_trajectory(atoms)
     with executor:
-        scheduler.run()
+        result = scheduler.run()
     events.close()
-    log = read_events(tmp_path / "events.jsonl")
+    return result, read_events(tmp_path / "events.jsonl")
+
+
+def test_trust_bound_rewinds_instead_of_labelling(tmp_path):
+    config = ALConfig(num_trajectories=2, check_every=1, warmup=3, max_train_set_size=50, max_md_steps=40,
+                      md=MDConfig(temperature_K=300))
+    scheduler, executor, events, _ = _make(tmp_path, config)
+    scheduler.trust_factor = 1.5
+    _, log = _run_two_cells(scheduler, executor, events, tmp_path)
     beyond = [e for e in log if e["event"] == "trust_exceeded"]
     labelled = [e for e in log if e["event"] == "label_submitted"]
     assert beyond, "the committee's rare large spreads (10x) should exceed 1.5 x the threshold"
@@ -235,14 +240,7 @@ def test_energy_outliers_are_held_out_of_training_and_rewind(tmp_path):
         return frame
 
     scheduler.sink = sink
-    for seed in (1, 2):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.rattle(0.05, seed=seed)
-        scheduler.add_trajectory(atoms)
-    with executor:
-        result = scheduler.run()
-    events.close()
-    log = read_events(tmp_path / "events.jsonl")
+    result, log = _run_two_cells(scheduler, executor, events, tmp_path)
     held = [e for e in log if e["event"] == "label_held"]
     assert held and result.labels_held == len(held) - len([e for e in log if e["event"] == "label_released"])
     # None of the shifted labels reached the committee, and each rewound its trajectory.
@@ -274,14 +272,7 @@ def test_frames_the_committee_places_far_too_high_are_not_sent_to_the_reference(
     for e in np.linspace(-0.01, 0.01, 10):
         gate.add(np.array([29] * 4), e, reference=True)
     scheduler.energy_gate = gate
-    for seed in (1, 2):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.rattle(0.05, seed=seed)
-        scheduler.add_trajectory(atoms)
-    with executor:
-        scheduler.run()
-    events.close()
-    log = read_events(tmp_path / "events.jsonl")
+    _, log = _run_two_cells(scheduler, executor, events, tmp_path)
     assert not stored and not [e for e in log if e["event"] == "label_submitted"]
     assert [e for e in log if e["event"] == "md_unstable" and e["reason"].startswith("predicted energy")]
 
