@@ -304,8 +304,9 @@ class GuardsConfig(_Strict):
     volume_factor: float = Field(1.5, gt=1, description="Periodic cells: volume outside [1/f, f] x start fails.")
     energy_outlier: float | None = Field(
         6.0, gt=0, description="A label whose energy per atom lies more than this many spreads above "
-        "the labels seen so far (same composition) is stored as 'held', kept out of training until "
-        "the data reach it, and rewinds its trajectory; null switches this off.",
+        "the IDG reference frames (same composition) is stored as 'held', kept out of training until an "
+        "accepted label lands within one spread of it, and rewinds its trajectory; frames the committee "
+        "already places past that bound are not labelled. null switches this off.",
     )
     trust_factor: float | None = Field(
         None, gt=1, description="DP-GEN's upper trust bound: a frame whose uncertainty exceeds this x "
