@@ -46,7 +46,7 @@ from ase import Atoms
 from aimspax_like.config import ALConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.events import EventLog, WallClock
-from aimspax_like.guards import Guard, first_failure
+from aimspax_like.guards import FiniteGuard, Guard, first_failure
 from aimspax_like.label_gate import EnergyGate
 from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
@@ -173,8 +173,8 @@ class ALScheduler:
         start.calc = None
         start.set_momenta(maxwell_boltzmann(start, md_config.temperature_K, rng))
         trajectory = Trajectory(index, MDState(start, md_config, rng), checkpoint=start.copy())
-        if self.make_guards is not None:
-            trajectory.guards = self.make_guards(start.copy(), md_config)
+        # Without guards a trajectory still stops at non-finite numbers (every guard list starts so).
+        trajectory.guards = self.make_guards(start.copy(), md_config) if self.make_guards else [FiniteGuard()]
         self.trajectories.append(trajectory)
         return trajectory
 
@@ -248,7 +248,7 @@ class ALScheduler:
         unstable = []
         for trajectory in running:
             md = trajectory.md
-            reason = "non-finite" if not _finite(md) else first_failure(trajectory.guards, md)
+            reason = first_failure(trajectory.guards, md)
             if reason:
                 unstable.append(trajectory)
                 self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step, reason=reason)
@@ -282,10 +282,8 @@ class ALScheduler:
                                      reason=reason)
                     self._rewind(trajectory)
                     continue
-                trusted.append(delta)
                 self._submit(trajectory, delta, threshold)
-            else:
-                trusted.append(delta)
+            trusted.append(delta)
         self.threshold.update(trusted)
         if (
             self.config.freeze_threshold_at is not None
@@ -537,11 +535,6 @@ class ALScheduler:
     def _report_progress(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress())
-
-
-def _finite(state: MDState) -> bool:
-    forces = state.member_forces
-    return bool(np.isfinite(state.atoms.get_positions()).all() and (forces is None or np.isfinite(forces).all()))
 
 
 def outcome_of(future: Future) -> LabelOutcome:
