@@ -33,14 +33,14 @@ def _guards(guards_config: Any) -> Callable[[Atoms, Any], list[Any]]:
     return lambda start, md: build_guards(start, md.temperature_K, guards_config)
 
 
-def _energy_gate(ctx: RunContext) -> EnergyGate | None:
+def _energy_gate(ctx: RunContext, frames: list[LabelledFrame]) -> EnergyGate | None:
     """The gate, primed with every accepted label so far (IDG frames and earlier AL labels)."""
     limit = ctx.config.al.guards.energy_outlier
     if limit is None:
         return None
     hottest = max(ctx.config.al.md_for(k).temperature_K for k in range(ctx.config.al.num_trajectories))
     gate = EnergyGate(limit, temperature_K=hottest)
-    for frame in ctx.store.frames():
+    for frame in frames:
         if frame.split in ("train", "valid"):
             gate.add(frame.numbers, frame.energy, reference=frame.origin == "idg")
     return gate
@@ -48,7 +48,8 @@ def _energy_gate(ctx: RunContext) -> EnergyGate | None:
 
 def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     config = ctx.config.al
-    al_frames = ctx.store.frames(origin="al")
+    stored = ctx.store.frames()  # read once: the gate, the split counter, held labels, resume
+    al_frames = [f for f in stored if f.origin == "al"]
     splits = SplitCounter(config.valid_ratio, start=sum(f.split in ("train", "valid") for f in al_frames))
 
     def sink(atoms: Atoms, result: LabelResult, provenance: dict[str, Any]) -> LabelledFrame:
@@ -67,7 +68,7 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
         config, committee, ctx.executor, sink, ctx.events, ctx.reference_spec, ctx.paths.labels,
         train_set_size=ctx.train_size, faults=ctx.faults, clock=ctx.clock, seed=ctx.config.seed,
         on_progress=ctx.on_progress, should_stop=ctx.should_stop,
-        guards=_guards(config.guards), energy_gate=_energy_gate(ctx), trust_factor=config.guards.trust_factor,
+        guards=_guards(config.guards), energy_gate=_energy_gate(ctx, stored), trust_factor=config.guards.trust_factor,
     )
     scheduler.held = [
         (f.to_atoms(), LabelResult(f.energy, f.forces, f.stress, None, 0.0),
@@ -79,7 +80,7 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     checkpoint = ctx.paths.state / AL_CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        stored_splits = {(f.trajectory, f.md_step): f.split for f in ctx.store.frames(origin="al")}
+        stored_splits = {(f.trajectory, f.md_step): f.split for f in al_frames}
         counts = restore_scheduler(
             scheduler, state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"]))
         )

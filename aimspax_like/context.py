@@ -161,7 +161,7 @@ class RunContext:
         self.store.set_split(index, split)
         self.split_counts["held"] = self.split_counts.get("held", 0) - 1
         self.split_counts[split] = self.split_counts.get(split, 0) + 1
-        frame = self.store.frames()[index]
+        frame = self.store.frame(index)
         self.events.emit("frame_released", index=index, split=split, origin=origin, trajectory=trajectory)
         return frame
 

@@ -310,6 +310,9 @@ def test_a_held_frame_is_released_durably(tmp_path, rng):
     again = DatasetStore.open(tmp_path / "data.h5")
     assert [f.split for f in again.frames()] == ["train", "train"]
     assert again.frames()[1].md_step == 20  # nothing else in the row changed
+    assert again.frame(1).split == "train" and again.frame(1).md_step == 20
+    with pytest.raises(IndexError):
+        again.frame(2)
     with pytest.raises(ValueError):
         again.set_split(0, "bogus")
     with pytest.raises(KeyError):

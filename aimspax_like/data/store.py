@@ -307,6 +307,13 @@ class DatasetStore:
         with self._reader() as h5:
             return self._read(h5, self._select(h5, split, origin, member))
 
+    def frame(self, index: int) -> LabelledFrame:
+        """The one frame stored at ``index`` (reads that row only)."""
+        with self._reader() as h5:
+            if not 0 <= index < int(h5.attrs["n_frames"]):
+                raise IndexError(f"frame {index} not in the store")
+            return self._read(h5, np.array([index]))[0]
+
     def atoms(self, split: str | None = None, origin: str | None = None,
               member: int | None = None) -> list[Atoms]:
         """Same selection as ``frames``, as ``ase.Atoms`` with REF_* keys (see ``to_atoms``)."""
