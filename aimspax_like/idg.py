@@ -59,11 +59,9 @@ def _reference_sampler(ctx: RunContext) -> StridedSampler:
 
 
 def _foundation_sampler(ctx: RunContext) -> StridedSampler:
-    from aimspax_like.models.foundation import load_foundation_calculator
+    from aimspax_like.models.foundation import idg_foundation_calculator
 
-    model = ctx.config.idg.foundation_model
-    device = "cpu" if ctx.config.model.device == "auto" else ctx.config.model.device
-    calculator = load_foundation_calculator(model, device=device, dtype=ctx.config.model.dtype)
+    calculator = idg_foundation_calculator(ctx.config)
     return StridedSampler(
         ctx.structures, lambda: calculator, ctx.config.idg.md, ctx.config.idg.stride, seed=ctx.config.seed
     )

@@ -178,12 +178,9 @@ class _TestSampling:
                     "md_failed", phase="test", structure=i, temperature_K=temperature, error=str(exc)[:200]),
             )
         if self._calculator is None:
-            from aimspax_like.models.foundation import load_foundation_calculator
+            from aimspax_like.models.foundation import idg_foundation_calculator
 
-            device = "cpu" if ctx.config.model.device == "auto" else ctx.config.model.device
-            self._calculator = load_foundation_calculator(
-                str(ctx.config.idg.foundation_model), device=device, dtype=ctx.config.model.dtype
-            )
+            self._calculator = idg_foundation_calculator(ctx.config)
         calculator = self._calculator
         return StridedSampler(ctx.structures, lambda: calculator, md, self.config.stride, seed=seed)
 

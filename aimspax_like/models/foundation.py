@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from ase.calculators.calculator import Calculator
 
@@ -28,6 +29,15 @@ MACE_MP_NAMES = {
 }
 
 _OFFLINE_HINT = "a path to a local MACE model file works offline"
+
+
+def idg_foundation_calculator(config: Any) -> Calculator:
+    """``idg.foundation_model`` as the calculator that drives IDG and foundation test-set MD.
+
+    ``model.device: auto`` runs it on the CPU; an explicit ``cpu`` or ``cuda`` is used as given.
+    """
+    device = "cpu" if config.model.device == "auto" else config.model.device
+    return load_foundation_calculator(str(config.idg.foundation_model), device=device, dtype=config.model.dtype)
 
 
 def load_foundation_calculator(name_or_path: str, device: str = "cpu", dtype: str = "float64") -> Calculator:
