@@ -29,9 +29,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from ase.units import kB
 
 Composition = tuple[tuple[int, int], ...]
-KB_EV = 8.617333262e-5  # Boltzmann constant, eV/K
 
 
 def composition(numbers: np.ndarray) -> Composition:
@@ -79,7 +79,7 @@ class EnergyGate:
         """
         if self.temperature_K is None:
             return 0.0
-        return 0.5 * float(np.sqrt(1.5 / n_atoms)) * KB_EV * self.temperature_K
+        return 0.5 * float(np.sqrt(1.5 / n_atoms)) * kB * self.temperature_K
 
     def bound(self, numbers: np.ndarray) -> float:
         """The highest energy per atom trained on for this composition (inf while unknown)."""

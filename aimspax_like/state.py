@@ -190,8 +190,8 @@ def restore_scheduler(scheduler: Any, state: dict[str, Any], is_stored: Any) -> 
     """Put a checkpoint back into a scheduler whose trajectories were added as for a fresh run.
 
     Labels that were in flight are adopted when ``is_stored(provenance)`` says the dataset has
-    them (it may return the stored split: a 'held' label is adopted as held)
-    them and submitted again otherwise. Returns how many of each.
+    them and submitted again otherwise; it may return the stored split, and a label stored as
+    'held' is adopted as held. Returns how many of each.
     """
     from aimspax_like.scheduler import Status
     from aimspax_like.uncertainty import MovingAverageThreshold
