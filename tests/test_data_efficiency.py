@@ -8,29 +8,16 @@ campaign, six trainings, the tables) on a 6-atom EMT cluster checks that they fi
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from campaign_helpers import tiny_cluster
+from workflow_helpers import load_workflow
 
 from aimspax_like.data import LabelledFrame
 
-_PATH = Path(__file__).resolve().parents[1] / "workflows" / "data_efficiency.py"
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("data_efficiency", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("data_efficiency", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+study = load_workflow("data_efficiency")
 
 TINY_MODEL = {"channels": 8, "max_L": 0, "r_max": 4.5, "num_interactions": 1, "correlation": 2,
               "radial_mlp": [8], "num_radial_basis": 6, "dtype": "float64", "device": "cpu"}

@@ -8,25 +8,13 @@ torch nor Parsl.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pytest
+from workflow_helpers import WORKFLOWS, load_workflow
 
-_PATH = Path(__file__).resolve().parents[1] / "workflows" / "scaling_benchmark.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("scaling_benchmark", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_workflow("scaling_benchmark")
 
 
 def _state(t, trajectory, old, new):
@@ -161,7 +149,8 @@ def test_plan_covers_both_policies_and_serial_runs_with_one_worker():
 def test_importing_the_benchmark_loads_nothing_heavy():
     import subprocess
 
-    code = f"import runpy, sys; runpy.run_path({str(_PATH)!r}, run_name='x'); print(sorted(m for m in "
+    script = str(WORKFLOWS / "scaling_benchmark.py")
+    code = f"import runpy, sys; runpy.run_path({script!r}, run_name='x'); print(sorted(m for m in "
     code += "('torch', 'mace', 'parsl') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
