@@ -7,33 +7,86 @@ friction 0.001/fs), the optimiser (AMSGrad, lr 0.01, EMA 0.99, clip 10), the los
 functions, 2 interactions, correlation 3, radial MLP 3 x 32) and the convergence patience (50).
 
 Unknown keys are forbidden everywhere, so a typo is an error instead of a silently ignored
-setting. ``load_config`` turns any validation problem into a ``ConfigError`` naming the dotted key.
+setting. Scalars are strict (``true`` is no integer, ``"5"`` no number), every float must be finite,
+and the YAML reader refuses duplicate keys, so no typo can pass as a different value either.
+``load_config`` turns any validation problem, and any file that is no YAML mapping at all, into a
+one-line ``ConfigError`` naming the dotted key or the file. ``template_yaml`` renders the models
+themselves as the commented template ``aimspax-like init`` writes, so it never misses a key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import textwrap
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from aimspax_like.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys, loose scalars and non-finite floats are errors.
+
+    pydantic's lax mode would read YAML ``true`` as 1 and the string ``"5"`` as 5, so a slip in
+    the YAML would run as some other setting; strict mode takes only real ints (and ints for
+    floats). ``1e400`` (inf) or ``.nan`` would pass a ``gt=0`` bound check and be written into the
+    run directory's ``campaign.yaml`` as null, so floats must be finite. Paths are the exception
+    (``_Path``): YAML has no path type, they come as strings.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+_Path = Annotated[Path, Strict(False)]
+"""A path field: a YAML string or a ``Path`` (strict mode alone would take only ``Path``)."""
+
+
+def _finite_tree(value: Any, where: str = "") -> Any:
+    """Reject non-finite floats and self-containing containers anywhere in a free-form value.
+
+    ``dict[str, Any]`` fields (extra control.in keys, calculator kwargs) are outside the typed
+    schema, so ``allow_inf_nan`` does not see them; an inf there would be written as null.
+    """
+    _check_finite(value, where, set(), set())
+    return value
+
+
+def _check_finite(value: Any, where: str, open_ids: set[int], done_ids: set[int]) -> None:
+    # YAML anchors share one container between several keys: each is checked once (done_ids),
+    # and one that holds itself (open_ids, the containers above this one) is refused outright.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'} must be a finite number, not {value!r}")
+    if not isinstance(value, dict | list | tuple) or id(value) in done_ids:
+        return
+    if id(value) in open_ids:
+        raise ValueError(f"{where or 'value'} contains itself")
+    open_ids.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if where else str(key), open_ids, done_ids)
+    open_ids.discard(id(value))
+    done_ids.add(id(value))
+
+
+_FreeForm = Annotated[dict[str, Any], AfterValidator(_finite_tree)]
 
 
 # --------------------------------------------------------------------------- system
@@ -42,7 +95,10 @@ class _Strict(BaseModel):
 class SystemConfig(_Strict):
     """Start structures: files ASE can read, or folders of them (every file inside is read)."""
 
-    structures: list[Path] = Field(min_length=1, description="Structure files or folders.")
+    structures: list[_Path] = Field(
+        min_length=1, examples=[["geometry.xyz"]],
+        description="Structure files or folders (relative to the config file).",
+    )
     index: str = Field(":", description="ASE index applied to each file (':' = every frame).")
     relax: bool = Field(
         False, description="Relax every start structure with the reference (BFGS) before IDG; the "
@@ -62,7 +118,7 @@ class SystemConfig(_Strict):
 
 class _ReferenceBase(_Strict):
     compute_stress: bool = Field(False, description="Also label stress for periodic cells.")
-    timeout_s: float | None = Field(None, gt=0, description="Wall limit of one label (seconds).")
+    timeout_s: float | None = Field(None, gt=0, description="Wall limit of one label (seconds); null: none.")
     keep_workdir: bool = Field(False, description="Keep each label's scratch folder on success.")
 
 
@@ -101,15 +157,17 @@ class PySCFReference(_ReferenceBase):
 class AimsReference(_ReferenceBase):
     kind: Literal["aims"] = "aims"
     command: str = Field("aims.x", description="Launch command, e.g. 'srun -n 128 aims.x'.")
-    species_dir: Path | None = Field(None, description="FHI-aims species defaults folder.")
+    species_dir: _Path | None = Field(None, description="FHI-aims species defaults folder.")
     xc: str = "pbe"
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Extra control.in keys.")
+    parameters: _FreeForm = Field(default_factory=dict, description="Extra control.in keys.")
 
 
 class ImportReference(_ReferenceBase):
     kind: Literal["import"] = "import"
-    path: str = Field(description="'module:Name' of an ASE calculator class or factory.")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    path: str = Field(
+        examples=["package.module:Calculator"], description="'module:Name' of an ASE calculator class or factory."
+    )
+    kwargs: _FreeForm = Field(default_factory=dict, description="Keyword arguments of that class or factory.")
 
     @field_validator("path")
     @classmethod
@@ -157,8 +215,8 @@ class ModelConfig(_Strict):
         False, description="Add MACE's ZBL short-range pair repulsion to every member: atoms repel "
         "at short range even where no training frame was.",
     )
-    dtype: Literal["float32", "float64"] = "float64"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = Field("float64", description="float32 is faster on GPUs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when torch sees one.")
 
     @model_validator(mode="after")
     def _seeds_match(self) -> ModelConfig:
@@ -168,11 +226,13 @@ class ModelConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    lr: float = Field(0.01, gt=0)
+    """Optimiser and loss of every member."""
+
+    lr: float = Field(0.01, gt=0, description="Learning rate of Adam (AMSGrad unless amsgrad is false).")
     amsgrad: bool = True
     weight_decay: float = Field(5e-7, ge=0)
-    ema_decay: float | None = Field(0.99, gt=0, lt=1, description="null disables the EMA.")
-    clip_grad: float | None = Field(10.0, gt=0)
+    ema_decay: float | None = Field(0.99, gt=0, lt=1, description="Weight EMA decay; null disables the EMA.")
+    clip_grad: float | None = Field(10.0, gt=0, description="Gradient norm clip; null: none.")
     energy_weight: float = Field(1.0, ge=0)
     forces_weight: float = Field(1000.0, ge=0)
     batch_size: int = Field(5, ge=1)
@@ -189,7 +249,7 @@ class ConvergeConfig(_Strict):
     the saved committee has no per-member energy offsets and its spread means uncertainty.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: the members stay as AL left them (the test set still runs).")
     members: Literal["best", "all"] = Field(
         "best", description="best: converge the best member; all: every member (the E0s of all are refitted)."
     )
@@ -226,19 +286,23 @@ class MDConfig(_Strict):
 class IDGConfig(_Strict):
     """Initial dataset generation: sample, label every ``stride``-th frame, train, repeat."""
 
-    enabled: bool = True
-    sampler: Literal["reference", "foundation"] = "reference"
+    enabled: bool = Field(True, description="false: no IDG; the members start untrained and AL labels from scratch.")
+    sampler: Literal["reference", "foundation"] = Field(
+        "reference", description="What drives the IDG MD: the reference itself or idg.foundation_model."
+    )
     foundation_model: str | None = Field(
         None, description="'mace-mp-0[-small|-medium|-large]', or a path to a MACE model file."
     )
-    stride: int = Field(20, ge=1)
+    stride: int = Field(20, ge=1, description="Label every stride-th MD frame.")
     points_per_member: int = Field(5, ge=1, description="New points per member per round.")
     intermediate_epochs: int = Field(5, ge=1)
     valid_ratio: float = Field(0.1, gt=0, lt=1)
     max_epochs: int = Field(50, ge=1)
     max_set_size: int = Field(100, ge=1, description="Labelled frames (train + valid).")
     desired_acc: float | None = Field(None, gt=0, description="Target valid force MAE (eV/A).")
-    desired_acc_scale: float = Field(10.0, gt=0)
+    desired_acc_scale: float = Field(
+        10.0, gt=0, description="IDG stops when the valid force MAE drops below desired_acc x desired_acc_scale."
+    )
     probe_steps: int = Field(
         100, ge=0, description="Guarded committee MD steps from the start structures at the AL "
         "temperatures after IDG; IDG goes on while the probe fails (0: no probe).",
@@ -260,17 +324,22 @@ class IDGConfig(_Strict):
 
 
 class LabelFailurePolicy(_Strict):
-    """What active learning does with a failed label.
+    """What happens to a failed label, in every phase that labels (IDG, AL, the test set).
 
     A retry sends the same frame again (a fresh scratch folder, a fresh fault draw): a crash is
     often the node, not the geometry. A non-converged SCF is never retried (the same geometry
     with the same settings fails again), and a timed-out label only when asked (each try costs
-    ``reference.timeout_s``). A label whose tries are used up is discarded and its trajectory
-    restarts from its checkpoint geometry. Every failed try is a ``label_failed`` event.
+    ``reference.timeout_s``). A label whose tries are used up is discarded (in AL its trajectory
+    restarts from its checkpoint geometry). Every failed try is a ``label_failed`` event. A run
+    of ``max_consecutive`` failed tries in a row means the reference itself is broken: the
+    campaign saves its state and stops (exit code 3) instead of discarding label after label.
     """
 
     crashed_retries: int = Field(1, ge=0, description="Tries after a crash before discarding.")
     timed_out_retries: int = Field(0, ge=0, description="Tries after a timeout before discarding.")
+    max_consecutive: int | None = Field(
+        10, ge=1, description="Failed tries in a row (any phase) that stop the campaign; null: never stop."
+    )
 
 
 class GuardsConfig(_Strict):
@@ -314,23 +383,37 @@ class GuardsConfig(_Strict):
         "rewinds; null: every frame above the threshold is labelled.",
     )
 
+    @field_validator("topology", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean; 'topology: off' means the word.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class ALConfig(_Strict):
     """Parallel active learning (Eq. 1, Eq. 2 and the per-trajectory state machine)."""
 
-    enabled: bool = True
-    mode: Literal["serial", "parallel"] = "parallel"
+    enabled: bool = Field(True, description="false: straight from IDG to converge.")
+    mode: Literal["serial", "parallel"] = Field(
+        "parallel", description="serial: everything waits for each label; parallel: the trajectories run on."
+    )
     num_trajectories: int = Field(4, ge=1)
     check_every: int = Field(10, ge=1, description="MD steps between uncertainty checks.")
     window: int = Field(400, gt=0, description="Moving-average window N of Eq. 2.")
     warmup: int = Field(10, ge=1, description="Uncertainties seen before the threshold is finite.")
-    c_x: float = Field(0.0, gt=-1)
-    freeze_threshold_at: int | None = Field(None, ge=1, description="Train-set size that freezes it.")
+    c_x: float = Field(0.0, gt=-1, description="Threshold = (1 + c_x) x the moving average of Eq. 2.")
+    freeze_threshold_at: int | None = Field(
+        None, ge=1, description="Training-set size that freezes the threshold; null: never frozen."
+    )
     valid_ratio: float = Field(0.1, gt=0, lt=1)
     intermediate_epochs: int = Field(1, ge=1)
-    max_epochs_per_point: int = Field(2, ge=1)
+    max_epochs_per_point: int = Field(
+        2, ge=1, description="Epochs per new point; also the epochs without improvement before an optimizer reset."
+    )
     max_train_set_size: int = Field(200, ge=1)
-    desired_acc: float | None = Field(None, gt=0, description="Stop when valid force MAE below.")
+    desired_acc: float | None = Field(
+        None, gt=0, description="Stop AL when the valid force MAE (eV/A) drops below this; null: never."
+    )
     max_md_steps: int = Field(10000, ge=1, description="MD steps per trajectory.")
     max_labels_in_flight: int | None = Field(None, ge=1, description="Default: one per trajectory.")
     while_labelling: Literal["wait", "continue"] = Field(
@@ -341,7 +424,11 @@ class ALConfig(_Strict):
     labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
     failures: LabelFailurePolicy = Field(default_factory=LabelFailurePolicy)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
-    md: MDConfig | list[MDConfig] = Field(default_factory=MDConfig)
+    md: MDConfig | list[MDConfig] = Field(
+        default_factory=MDConfig,
+        description="One block for every trajectory, or a list with one block per trajectory (mixed ensembles "
+        "share a batch).",
+    )
 
     @model_validator(mode="after")
     def _md_per_trajectory(self) -> ALConfig:
@@ -360,19 +447,27 @@ class ALConfig(_Strict):
 
 
 class LocalCluster(_Strict):
+    """Labels in worker processes on this machine."""
+
     kind: Literal["local"] = "local"
-    max_workers: int = Field(2, ge=1)
-    cores_per_worker: float = Field(1.0, gt=0)
+    max_workers: int = Field(2, ge=1, description="Label worker processes.")
+    cores_per_worker: float = Field(1.0, gt=0, description="Cores one label uses (OMP_NUM_THREADS).")
 
 
 _WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 
 
 def _lines(value: Any) -> Any:
-    """One string with newlines or a list of lines -> a list of lines (blank lines dropped)."""
+    """One string with newlines or a list of lines -> a list of lines (blank lines dropped).
+
+    Items that are not strings are left for the ``list[str]`` validation to name, not stripped.
+    """
     if isinstance(value, str):
         value = value.splitlines()
-    return [line.strip() for line in value if str(line).strip()] if isinstance(value, list) else value
+    if not isinstance(value, list):
+        return value
+    return [line.strip() if isinstance(line, str) else line for line in value
+            if not isinstance(line, str) or line.strip()]
 
 
 class SlurmProviderConfig(_Strict):
@@ -522,23 +617,27 @@ class TestSetConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    directory: Path = Path("runs/campaign")
-    export_xyz: bool = True
+    """Where the run directory goes."""
+
+    directory: _Path = Field(Path("runs/campaign"), description="Run directory (the CLI's --output overrides it).")
+    export_xyz: bool = Field(
+        True, description="Also write the train, valid and test frames as extended XYZ (data/*.xyz)."
+    )
 
 
 class CampaignConfig(_Strict):
     system: SystemConfig
-    reference: ReferenceConfig
-    faults: FaultInjection | None = None
+    reference: ReferenceConfig = Field(description="Who labels the frames.")
+    faults: FaultInjection | None = Field(None, description="Failure injection (tests and benchmarks); null: off.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     idg: IDGConfig = Field(default_factory=IDGConfig)
     al: ALConfig = Field(default_factory=ALConfig)
     converge: ConvergeConfig = Field(default_factory=ConvergeConfig)
     test_set: TestSetConfig = Field(default_factory=TestSetConfig)
-    cluster: ClusterConfig = Field(default_factory=LocalCluster)
+    cluster: ClusterConfig = Field(default_factory=LocalCluster, description="Where the labels run.")
     output: OutputConfig = Field(default_factory=OutputConfig)
-    seed: int = 0
+    seed: int = Field(0, description="Base seed; member k gets seed + k unless model.seeds is set.")
 
     def member_seeds(self) -> list[int]:
         if self.model.seeds is not None:
@@ -546,8 +645,141 @@ class CampaignConfig(_Strict):
         return [self.seed + k for k in range(self.model.ensemble_size)]
 
     def resolved_yaml(self) -> str:
-        """Every setting, defaults included, as the YAML saved into the run directory."""
-        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+        """Every setting, defaults included, as the YAML saved into the run directory.
+
+        Written with the config reader's own resolvers, so a string that reader would take for a
+        number (``'1e-5'``) is quoted and reads back as the same string.
+        """
+        return yaml.dump(json.loads(self.model_dump_json()), Dumper=_ConfigDumper, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: '1e-9' and '1e400'
+# are strings there. Config authors mean numbers (YAML 1.2 agrees), and strict validation refuses
+# strings for numbers, so the reader and the writer of configs both resolve exponent floats.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+class _KeyProblem(yaml.YAMLError):
+    """A problem of the YAML text itself at a known key (a key given twice)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML silently keeps the last of two equal keys, so a second ``reference:`` section or a
+    repeated ``seed`` would override the first without a word. The dotted path of every mapping
+    is indexed before construction so that the error names the key the way validation errors do.
+    Keys merged in with ``<<: *anchor`` may be overridden, as YAML intends.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths: dict[int, tuple[str, ...]] = {}
+        self._index(node, (), set())
+        return super().construct_document(node)
+
+    def _index(self, node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: indexed where its anchor is
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            self._paths[id(node)] = path
+            for key, value in node.value:
+                self._index(value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?"), seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for number, item in enumerate(node.value):
+                self._index(item, (*path, str(number)), seen)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = first_line.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if earlier is not None:
+                    dotted = ".".join((*self._paths.get(id(node), ()), str(key)))
+                    raise _KeyProblem(dotted, f"duplicate key at line {line} (first given at line {earlier})")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper with the reader's float resolver, so it quotes strings like '1e-5'."""
+
+
+for _resolving in (_ConfigLoader, _ConfigDumper):
+    _resolving.add_implicit_resolver(_FLOAT_TAG, _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text read the way config files are: a key given twice is an error, ``1e-9`` a float.
+
+    For settings that come from elsewhere than a config file (``key=value`` overrides on a
+    command line) so that they mean what they would mean in the file. Raises ``yaml.YAMLError``.
+    """
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: builds no Python objects
+
+
+def _read_yaml(path: Path) -> Any:
+    """The one YAML document in a config file; a file that holds none is a ``ConfigError``.
+
+    A config path can point at anything: a folder, a structure file, a gzip archive, an empty
+    file. Each gets one line naming the file instead of a decoder's or the parser's traceback.
+    """
+    name = str(path)
+    if not path.exists():
+        raise ConfigError(name, "config file not found")
+    if path.is_dir():
+        raise ConfigError(name, "is a folder, not a config file")
+    if not path.is_file():
+        raise ConfigError(name, "not a regular file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(name, f"larger than {_MAX_CONFIG_BYTES // 2**20} MiB; not a campaign YAML")
+    if not raw.strip():
+        raise ConfigError(name, "the file is empty")
+    if b"\0" in raw:
+        raise ConfigError(name, "a binary file, not a campaign YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, f"not UTF-8 text (byte {exc.start}); not a campaign YAML") from None
+    try:
+        return parse_yaml(text)
+    except _KeyProblem as exc:
+        raise ConfigError(exc.key, f"{exc.message} of {name}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
+        raise ConfigError(name, f"not valid YAML: {_one_line(exc.problem or exc.context)}{where}") from None
+    except yaml.YAMLError as exc:  # the reader: a control character that is no text
+        raise ConfigError(name, f"not valid YAML: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(name, "not valid YAML: nested too deeply") from None
+
+
+def _one_line(text: Any, limit: int = 160) -> str:
+    """``text`` squeezed onto one line of at most ``limit`` characters (the CLI prints one line)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -559,10 +791,16 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 _UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "MDConfig", "list[MDConfig]", "local", "slurm"}
 
 
+def _what(data: Any) -> str:
+    if data is None:
+        return "nothing (the file holds only comments)"
+    return "a list" if isinstance(data, list) else f"a single {type(data).__name__} value"
+
+
 def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
     """Validate a mapping; the first problem becomes a one-line ``ConfigError``."""
     if not isinstance(data, dict):
-        raise ConfigError(source, "the top level must be a mapping of sections")
+        raise ConfigError(source, f"the top level must be a mapping of sections, not {_what(data)}")
     try:
         return CampaignConfig.model_validate(data)
     except ValidationError as exc:
@@ -576,20 +814,14 @@ def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
             raise ConfigError(key, "unknown key") from None
         if kind == "missing":
             raise ConfigError(key, "required key is missing") from None
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(key, f"{message} (got {first.get('input')!r})") from None
+        message = _one_line(first["msg"].removeprefix("Value error, "), limit=400)
+        raise ConfigError(key, f"{message} (got {_one_line(repr(first.get('input')), limit=80)})") from None
 
 
 def load_config(path: str | Path) -> CampaignConfig:
     """Read and validate a campaign YAML; relative structure paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML ({exc.__class__.__name__})") from None
-    config = config_from_dict(data, source=str(path))
+    config = config_from_dict(_read_yaml(path), source=str(path))
     base = path.resolve().parent
     config.system.structures = [p if p.is_absolute() else base / p for p in config.system.structures]
     return config
@@ -597,3 +829,133 @@ def load_config(path: str | Path) -> CampaignConfig:
 
 def json_schema() -> dict[str, Any]:
     return CampaignConfig.model_json_schema()
+
+
+# --------------------------------------------------------------------------- the init template
+
+_TEMPLATE_WIDTH = 100
+_TEMPLATE_HEADER = """\
+# aimspax-like campaign, written by `aimspax-like init` from the config models themselves: every key
+# is here, set to its default (the aims-PAX paper's numbers). Only system.structures and reference
+# are required (geometry.xyz and xTB below are placeholders to edit); keys left out keep their
+# defaults. Unknown keys are errors. `aimspax-like schema` prints the JSON schema with every bound."""
+
+
+def template_config() -> CampaignConfig:
+    """The campaign ``aimspax-like init`` writes: every default, GFN2-xTB labels of ./geometry.xyz.
+
+    ``system.structures`` and ``reference`` have no defaults; the template takes the schema's
+    example file and the xTB reference, which needs no input files and runs on a laptop.
+    """
+    return CampaignConfig(system=SystemConfig(structures=[Path("geometry.xyz")]), reference=XTBReference())
+
+
+def template_yaml() -> str:
+    """``template_config`` as commented YAML, rendered from the models so that no key is missing.
+
+    A hand-written template falls behind the schema whenever a key is added. Here every field is
+    written with its default and, above it, its description and choices; a section is introduced
+    by its description or its class's docstring. The other kinds of a discriminated section
+    (``reference``, ``cluster``) follow it commented out, with their own keys; an optional section
+    that is off by default (``faults``) is ``null`` with its keys commented out.
+    """
+    config = template_config()
+    lines = [_TEMPLATE_HEADER]
+    for name, field in CampaignConfig.model_fields.items():
+        lines.append("")
+        lines += _template_field(name, field, getattr(config, name), indent=0, comments=True)
+    return "\n".join(lines) + "\n"
+
+
+def _template_model(model: BaseModel, indent: int, comments: bool, only: set[str] | None = None) -> list[str]:
+    # A discriminator ('kind') goes first: it decides which of the other keys exist.
+    fields = sorted(type(model).model_fields.items(), key=lambda item: item[0] != "kind")
+    lines: list[str] = []
+    for name, field in fields:
+        if only is None or name in only:
+            lines += _template_field(name, field, getattr(model, name), indent, comments)
+    return lines
+
+
+def _template_field(name: str, field: FieldInfo, value: Any, indent: int, comments: bool) -> list[str]:
+    pad = " " * indent
+    lines = _template_comment(_template_note(field, value), indent) if comments else []
+    if isinstance(value, BaseModel):
+        lines.append(f"{pad}{name}:")
+        lines += _template_model(value, indent + 2, comments)
+        if field.discriminator is not None and comments:
+            lines += _template_other_kinds(name, field, value, indent)
+        return lines
+    optional_section = _section_type(field.annotation)
+    lines.append(f"{pad}{name}: {_flow(value)}")
+    if value is None and optional_section is not None and comments:
+        lines += _template_comment("To switch it on, replace null by these keys:", indent)
+        example = [f"{pad}{name}:", *_template_model(optional_section(), indent + 2, comments=False)]
+        lines += [_commented_out(line, indent) for line in example]
+    return lines
+
+
+def _template_other_kinds(name: str, field: FieldInfo, value: BaseModel, indent: int) -> list[str]:
+    """The other variants of a discriminated section, commented out, with the keys of their own."""
+    shared = set(type(value).model_fields)
+    lines = _template_comment(f"Other kinds of {name}, with their own keys (the shared ones as above):", indent)
+    for variant in _variants(field):
+        if variant is type(value):
+            continue
+        required = {key: f.examples[0] for key, f in variant.model_fields.items() if f.is_required() and f.examples}
+        own = {key for key in variant.model_fields if key not in shared} | {field.discriminator}
+        example = [f"{' ' * indent}{name}:", *_template_model(variant.model_validate(required), indent + 2, False, own)]
+        lines += [_commented_out(line, indent) for line in example]
+    return lines
+
+
+def _template_note(field: FieldInfo, value: Any) -> str:
+    note = field.description or (_doc_summary(type(value)) if isinstance(value, BaseModel) else "")
+    if field.discriminator is not None:
+        kinds = [get_args(v.model_fields[field.discriminator].annotation)[0] for v in _variants(field)]
+        note = f"{note} {field.discriminator}: {' | '.join(kinds)}.".strip()
+    choices = _choices(field.annotation)
+    if len(choices) > 1:
+        note = f"{note} One of: {' | '.join(map(str, choices))}.".strip()
+    return note
+
+
+def _doc_summary(cls: type) -> str:
+    """The first paragraph of a class's own docstring on one line ('' without one)."""
+    doc = (cls.__dict__.get("__doc__") or "").replace("``", "")
+    return " ".join(textwrap.dedent(doc).strip().split("\n\n")[0].split())
+
+
+def _variants(field: FieldInfo) -> list[type[BaseModel]]:
+    return [arg for arg in get_args(field.annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model of an optional section (``FaultInjection | None``), else None."""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    """The values of a ``Literal`` field, optional or not; () for any other type."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return next((get_args(arg) for arg in get_args(annotation) if get_origin(arg) is Literal), ())
+
+
+def _flow(value: Any) -> str:
+    """One value as YAML on one line, quoted wherever the config reader would misread it."""
+    text = yaml.dump(to_jsonable_python(value), Dumper=_ConfigDumper, default_flow_style=True, width=10**6)
+    return text.removesuffix("\n...\n").strip()
+
+
+def _template_comment(text: str, indent: int) -> list[str]:
+    pad = " " * indent
+    return [f"{pad}# {line}" for line in textwrap.wrap(text, width=_TEMPLATE_WIDTH - indent - 2)]
+
+
+def _commented_out(line: str, indent: int) -> str:
+    # '# ' goes at the section's indentation so that deleting it leaves valid YAML.
+    return f"{' ' * indent}# {line[indent:]}"

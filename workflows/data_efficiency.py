@@ -67,7 +67,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from aimspax_like.config import MDConfig, ModelConfig, TrainingConfig, config_from_dict
+from aimspax_like.config import MDConfig, ModelConfig, TrainingConfig, config_from_dict, parse_yaml
 from aimspax_like.data import DatasetStore, LabelledFrame
 from aimspax_like.data.splits import is_validation
 from aimspax_like.reference.calculators import make_calculator
@@ -778,7 +778,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _dotted_settings(items: Sequence[str]) -> dict[str, Any]:
     """``["al.guards.energy_outlier=12"]`` -> ``{"al": {"guards": {"energy_outlier": 12}}}``."""
-    import yaml
 
     out: dict[str, Any] = {}
     for item in items:
@@ -787,7 +786,7 @@ def _dotted_settings(items: Sequence[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_yaml(value)
     return out
 
 
