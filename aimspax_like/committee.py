@@ -5,16 +5,24 @@ verbs the scheduler needs (``committee_forces`` for a batch of structures, ``add
 frame, ``train_round``), and keeps each member's training set: the member's own disjoint
 IDG subset plus every frame shared by all members (active-learning points). Validation frames
 are shared by all members, so their force MAEs compare like with like.
+
+What it has learned beyond the weights (the trainer's optimisers, EMAs, generators and
+per-member validation history) is ``state_dict``; ``save`` keeps it in the run directory's
+``state/committee.pt`` and ``from_files`` brings it back, so a phase that starts in a new process
+continues as it would have in the old one.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 
 from aimspax_like.config import CampaignConfig
+from aimspax_like.context import RunPaths
 from aimspax_like.data import LabelledFrame
 from aimspax_like.models.ensemble import (
     MACEEnsemble,
@@ -23,6 +31,7 @@ from aimspax_like.models.ensemble import (
     force_scale,
 )
 from aimspax_like.models.training import EnsembleTrainer, MemberMetrics
+from aimspax_like.state import COMMITTEE_STATE, load_checkpoint, save_checkpoint
 
 
 class Committee:
@@ -58,10 +67,26 @@ class Committee:
     def from_files(
         cls, config: CampaignConfig, model_paths: list[Path], frames: list[LabelledFrame]
     ) -> Committee:
-        """Members loaded from ``member_k.model`` files (a phase run on its own)."""
+        """Members loaded from ``member_k.model`` files (a phase run on its own, or resumed).
+
+        The files hold weights only. When they are a run directory's ``models/`` and its
+        ``state/committee.pt`` was saved with these very weights, the committee's state is
+        restored as well: the per-member validation history decides ``best_member``, so without
+        it a convergence resumed after a kill would train member 0 whatever active learning found
+        best, and the optimisers, EMAs and generators let the next phase train exactly as in a
+        campaign that was never stopped. A state file saved with other weights (a kill between
+        writing the members and it, or member files replaced by hand) is ignored: the trainer
+        starts fresh, as it always did before the state file existed.
+        """
         ensemble = MACEEnsemble.load(model_paths, device=config.model.device, dtype=config.model.dtype)
         committee = cls(ensemble, EnsembleTrainer(ensemble, config.training, config.al.max_epochs_per_point))
         committee.add_all(frames)
+        folders = {Path(p).parent for p in model_paths}
+        state_file = committee_state_file(folders.pop()) if len(folders) == 1 else None
+        if state_file is not None and state_file.is_file():
+            state = load_checkpoint(state_file)["committee"]
+            if committee.trainer.weights_match(state["trainer"]):
+                committee.load_state_dict(state)
         return committee
 
     # ------------------------------------------------------------------ data
@@ -115,7 +140,44 @@ class Committee:
     def best_member(self) -> int:
         return self.trainer.best_member()
 
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learned state: the trainer's (weights, optimisers, EMAs, generators, validation
+        history) and the latest round's metrics (``valid_force_mae`` reads them). The frames are
+        not in it: they are in the dataset, from which every committee is built."""
+        return {"trainer": self.trainer.state_dict(), "last_metrics": [asdict(m) for m in self.last_metrics]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict`` (also loads the member weights into the ensemble)."""
+        self.trainer.load_state_dict(state["trainer"])
+        self.last_metrics = [MemberMetrics(**m) for m in state["last_metrics"]]
+
     def save(self, models_dir: Path) -> list[Path]:
+        """Write ``member_k.model`` files; in a run directory's ``models/`` also ``state/committee.pt``.
+
+        Every phase saves the members when it ends; the state file saved with them is what lets
+        ``from_files`` continue with the same validation history (hence the same best member),
+        optimisers and EMAs in a new process. It is written after the members, so a kill in
+        between leaves an older state file whose weights differ from the members': ``from_files``
+        recognises and ignores it. Member files saved elsewhere (a benchmark's copy) get no state
+        file: there they stay plain weights, loaded with a fresh trainer.
+        """
         models_dir.mkdir(parents=True, exist_ok=True)
         self.ensemble.save(models_dir)
+        state_file = committee_state_file(models_dir)
+        if state_file is not None:
+            save_checkpoint(state_file, {"committee": self.state_dict()})
         return sorted(models_dir.glob("member_*.model"))
+
+
+def committee_state_file(models_dir: Path) -> Path | None:
+    """``state/committee.pt`` of the run directory whose ``models/`` is ``models_dir``, else None.
+
+    A run directory is recognised by its ``campaign.yaml`` (as the CLI's ``resume`` does), so
+    saving members anywhere else never writes beside them.
+    """
+    paths = RunPaths(Path(models_dir).parent)
+    if paths.models != Path(models_dir) or not paths.config.is_file():
+        return None
+    return paths.state / COMMITTEE_STATE

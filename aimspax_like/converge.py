@@ -8,6 +8,11 @@ the others' alike: force-dominated losses leave a constant energy offset per mem
 nothing in forces but spoils every reported energy and, member against member, the committee's
 energy spread. The refit never changes forces.
 
+"Best" is the lowest latest validation loss, a part of the trainer's state. Convergence is not
+checkpointed: after a kill it starts again from the members the AL phase saved, and gets that
+history (with the optimisers and EMAs) back from ``state/committee.pt`` (``Committee.from_files``),
+so a resumed convergence trains the same member the same way as an uninterrupted one.
+
 The held-out test set that follows is ``aimspax_like.testset`` (``run_test_set`` is re-exported
 here for the campaign).
 """
@@ -28,6 +33,11 @@ __all__ = ["run_converge", "run_test_set"]
 def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     config = ctx.config.converge
     best = committee.best_member()
+    if config.members != "all" and committee.n_members > 1 and not any(committee.trainer.last_metrics):
+        # Without validation history best_member() is member 0 by default, not by merit (the
+        # history comes with the members through state/committee.pt; see Committee.from_files).
+        ctx.warn(f"no validation history for the members (state/committee.pt missing or saved with other "
+                 f"weights): member {best} is converged without knowing it is the best", key="converge.members")
     members = list(range(committee.n_members)) if config.members == "all" else [best]
     ctx.events.emit("phase_start", phase="converge", members=members)
     train, valid = committee.all_train, committee.valid

@@ -1,8 +1,11 @@
-"""Stop a tiny campaign in the middle of active learning, resume it, check nothing is lost or doubled."""
+"""Stop a tiny campaign in the middle of active learning, resume it, check nothing is lost or doubled;
+stop one in the middle of convergence, resume it, check it converges the member AL found best."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +17,13 @@ from campaign_helpers import tiny_config
 
 from aimspax_like.campaign import run_campaign
 from aimspax_like.cli import main
+from aimspax_like.committee import Committee, committee_state_file
 from aimspax_like.config import config_from_dict
+from aimspax_like.context import RunPaths
 from aimspax_like.data import DatasetStore
+from aimspax_like.errors import CampaignInterrupted
 from aimspax_like.events import read_events
-from aimspax_like.state import AL_CHECKPOINT, CampaignInterrupted, load_checkpoint
+from aimspax_like.state import AL_CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 def _keys(run: Path) -> list[tuple]:
@@ -49,7 +55,7 @@ def test_interrupt_leaves_a_checkpoint(interrupted):
     state = load_checkpoint(run / "state" / AL_CHECKPOINT)
     assert state["phase"] == "al" and state["event"] == "interrupted"
     al = state["al"]
-    assert len(al["trajectories"]) == 3 and al["trainer"]["members"]
+    assert len(al["trajectories"]) == 3 and al["committee"]["trainer"]["members"]
     assert sum(t["labels_done"] for t in al["trajectories"]) == sum(k[0] == "al" for k in keys)
     assert al["next_label"] >= 3 and al["threshold"]["n_seen"] > 0
 
@@ -80,6 +86,107 @@ def test_resume_finishes_without_losing_or_doubling_frames(interrupted, parsl_ex
     assert sum(e["event"] == "frame_stored" for e in events) == len(after)
     again = run_campaign(config_from_dict(raw), executor=parsl_executor, resume=True)
     assert again == {"already_finished": True, "directory": str(run)}
+
+
+@pytest.fixture(scope="module")
+def stopped_in_convergence(tmp_path_factory, parsl_executor):
+    """A campaign stopped (as by SIGTERM) in convergence: the stop is seen when epoch 2 reports.
+
+    Serial AL keeps the campaign deterministic; with the tiny config's seed member 1, not member 0,
+    ends AL best, so a resume that lost the validation history (and so falls back to member 0)
+    converges the wrong member.
+    """
+    tmp_path = tmp_path_factory.mktemp("converge_resume")
+    config = config_from_dict(tiny_config(tmp_path, test_set={"size": 0}, al={"mode": "serial"}))
+    converging: list[dict] = []
+
+    def note(status: dict) -> None:
+        if status.get("phase") == "converge":
+            converging.append(status)
+
+    with pytest.raises(CampaignInterrupted):
+        run_campaign(config, executor=parsl_executor, on_progress=note,
+                     should_stop=lambda: signal.SIGTERM if converging else 0)
+    assert len(converging) == 1  # stopped in the middle of convergence, not before or after it
+    return config, tmp_path / "run"
+
+
+def _same(a, b, where: str = "state") -> None:
+    """Deep equality of state dicts: tensors, arrays, containers, floats (NaN equals NaN)."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def _converge_starts(run: Path) -> list[list[int]]:
+    events = read_events(run / "logs/events.jsonl")
+    return [e["members"] for e in events if e["event"] == "phase_start" and e["phase"] == "converge"]
+
+
+def test_saved_members_come_back_with_the_state_al_left_them_in(stopped_in_convergence):
+    """An uninterrupted convergence starts from the committee as AL left it (the AL checkpoint's
+    last write); the committee rebuilt from the member files must be that committee: the same
+    validation history (hence best member), optimisers, EMAs and generators."""
+    config, run = stopped_in_convergence
+    al_end = load_checkpoint(run / "state" / AL_CHECKPOINT)
+    assert al_end["event"] == "stopped"
+    chosen = _converge_starts(run)[0]  # best_member() of the in-memory committee at the end of AL
+    frames = DatasetStore(run / "data/dataset.h5").frames()
+    committee = Committee.from_files(config, RunPaths(run).member_models(), frames)
+    assert all(m is not None for m in committee.trainer.last_metrics)  # the validation history is back
+    assert [committee.best_member()] == chosen
+    _same(committee.trainer.state_dict(), al_end["al"]["committee"]["trainer"], "trainer")
+    assert committee.valid_force_mae() == pytest.approx(
+        sum(m["valid_force_mae"] for m in al_end["al"]["committee"]["last_metrics"]) / committee.n_members)
+
+
+def test_a_state_file_saved_with_other_weights_is_ignored(stopped_in_convergence, tmp_path):
+    """A kill between writing the members and state/committee.pt leaves a state file of older
+    weights: loading it would silently swap the members' weights, so the trainer starts fresh."""
+    config, run = stopped_in_convergence
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("labels", "logs"))
+    state = load_checkpoint(copy / "state/committee.pt")
+    model = state["committee"]["trainer"]["members"][1]["model"]
+    name = next(k for k, v in model.items() if v.is_floating_point() and v.numel())
+    model[name] = model[name] + 1.0
+    save_checkpoint(copy / "state/committee.pt", {"committee": state["committee"]})
+    committee = Committee.from_files(config, RunPaths(copy).member_models(), [])
+    assert committee.trainer.last_metrics == [None, None] and committee.last_metrics == []
+
+
+def test_member_files_outside_a_run_directory_get_no_state_file(tmp_path):
+    (tmp_path / "models").mkdir()
+    assert committee_state_file(tmp_path / "models") is None  # no campaign.yaml: no run directory
+    (tmp_path / "campaign.yaml").write_text("{}")
+    assert committee_state_file(tmp_path / "models") == tmp_path / "state/committee.pt"
+    assert committee_state_file(tmp_path / "elsewhere") is None
+
+
+def test_resumed_convergence_trains_the_member_al_found_best(stopped_in_convergence, parsl_executor):
+    config, run = stopped_in_convergence
+    summary = run_campaign(config, executor=parsl_executor, resume=True)
+    before, after = _converge_starts(run)
+    assert after == before and summary["best_member"] == before[0]
+    events = read_events(run / "logs/events.jsonl")
+    assert not [e for e in events if e["event"] == "warning" and e.get("key") == "converge.members"]
+    assert json.loads((run / "state/phases.json").read_text())["done"] == ["idg", "al", "converge"]
 
 
 def test_resume_of_a_missing_run_directory_is_an_error(tmp_path):

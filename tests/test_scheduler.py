@@ -7,6 +7,10 @@ lets a test decide when frames are uncertain; everything else (labels, failures,
 
 from __future__ import annotations
 
+import signal
+from concurrent.futures import Future
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -15,9 +19,12 @@ from ase.calculators.emt import EMT
 from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.config import ALConfig, MDConfig
 from aimspax_like.data import LabelledFrame
+from aimspax_like.errors import CampaignInterrupted
 from aimspax_like.events import EventLog, read_events
 from aimspax_like.execution import ThreadLabelExecutor
+from aimspax_like.reference.results import FailureKind, LabelFailure, LabelResult
 from aimspax_like.scheduler import ALScheduler, Status
+from aimspax_like.state import Checkpointer, load_checkpoint
 
 EMT_SPEC = {"kind": "emt", "compute_stress": False, "timeout_s": None, "keep_workdir": False}
 
@@ -53,6 +60,13 @@ class SpreadCommittee:
     def valid_force_mae(self):
         return float("inf")
 
+    def state_dict(self):
+        return {"rounds": self.rounds, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rounds = state["rounds"]
+        self.rng.bit_generator.state = state["rng"]
+
 
 def _cluster(seed: int):
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
@@ -71,7 +85,7 @@ def _close_logs():
         _open_logs.pop().close()
 
 
-def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2):
+def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2, executor=None, should_stop=None):
     events = EventLog(tmp_path / "events.jsonl")
     _open_logs.append(events)
     stored: list[LabelledFrame] = []
@@ -81,7 +95,7 @@ def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2):
         stored.append(frame)
         return frame
 
-    executor = ThreadLabelExecutor(max_workers=workers)
+    executor = executor or ThreadLabelExecutor(max_workers=workers)
     scheduler = ALScheduler(
         config,
         committee or SpreadCommittee(),
@@ -93,6 +107,7 @@ def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2):
         train_set_size=lambda: len(stored),
         faults=faults,
         seed=1,
+        should_stop=should_stop,
     )
     return scheduler, executor, events, stored
 
@@ -306,3 +321,126 @@ def test_no_label_is_submitted_past_the_training_set_cap(tmp_path):
     assert len(stored) == len(submitted) == 3
     assert max(e["in_flight"] for e in submitted) == 3  # parallel up to the cap, not beyond
     assert any(e["event"] == "label_withheld" for e in log)
+
+
+class ScriptedExecutor:
+    """Answers labels at once, in the calling thread: the first crashes (and is retried), every
+    third stays in flight for good, the others get their EMT label. No threads, no timing.
+    With ``answer=False`` it only records what was submitted."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
+        self.submitted: list[tuple[str, np.ndarray]] = []  # (workdir, positions)
+
+    def submit(self, atoms, spec, workdir, faults=None, seed=None):
+        n = len(self.submitted)
+        self.submitted.append((workdir, atoms.get_positions()))
+        future: Future = Future()
+        if not self.answer:
+            return future
+        if n == 0:
+            future.set_result(LabelFailure(FailureKind.CRASHED, "scripted crash", workdir, 0.0))
+        elif n % 3 != 2:
+            probe = atoms.copy()
+            probe.calc = EMT()
+            future.set_result(LabelResult(probe.get_potential_energy(), probe.get_forces(), None, None, 0.0))
+        return future
+
+
+def _assert_same(a, b, where="state"):
+    """Deep equality of checkpoint payloads (dicts, lists, NumPy arrays, scalars)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{k}]")
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    else:
+        assert a == b, where
+
+
+def _interrupted_scheduler(tmp_path, config):
+    """A scheduler stopped (as by SIGTERM) after 40 loop iterations, and its checkpoint file."""
+    calls = iter(range(10**6))
+
+    def sigterm_after_40_iterations() -> int:
+        return signal.SIGTERM if next(calls) >= 40 else 0
+
+    scheduler, _, _, stored = _make(tmp_path / "first", config, executor=ScriptedExecutor(),
+                                    should_stop=sigterm_after_40_iterations)
+    for seed in range(3):
+        scheduler.add_trajectory(_cluster(seed))
+    path = tmp_path / "state/al_checkpoint.pt"
+    scheduler.observers.append(Checkpointer(path, scheduler))
+    with pytest.raises(CampaignInterrupted):
+        scheduler.run()
+    return scheduler, stored, path
+
+
+def _fresh_scheduler(tmp_path, config):
+    scheduler, executor, _, _ = _make(tmp_path / "second", config, executor=ScriptedExecutor(answer=False),
+                                      committee=SpreadCommittee(seed=99))
+    for seed in range(3):
+        scheduler.add_trajectory(_cluster(seed))
+    return scheduler, executor
+
+
+ROUND_TRIP = {"num_trajectories": 3, "check_every": 1, "warmup": 1, "c_x": 0.0, "max_train_set_size": 100,
+              "max_md_steps": 1000, "while_labelling": "continue", "labels_per_trajectory": 2,
+              "intermediate_epochs": 1, "max_epochs_per_point": 2}
+
+
+def test_checkpoint_round_trip_restores_the_scheduler(tmp_path):
+    """state_dict -> checkpoint file -> load_state_dict into a fresh scheduler gives the same state:
+    trajectories, threshold window, counters, retries, committee and the labels in flight."""
+    config = ALConfig(**ROUND_TRIP, md=MDConfig(temperature_K=300))
+    original, stored, path = _interrupted_scheduler(tmp_path, config)
+    state = load_checkpoint(path)
+    assert state["event"] == "interrupted"
+    saved = state["al"]
+    in_flight = [label["label"] for label in saved["in_flight"]]
+    assert in_flight and stored and saved["attempts"] == {0: 1}  # the crashed first label was retried
+    assert saved["training_rounds"] > 0 and saved["threshold"]["n_seen"] > 0
+
+    restored, executor = _fresh_scheduler(tmp_path, config)
+    counts = restored.load_state_dict(saved, lambda provenance: None)
+    assert counts == {"adopted": 0, "resubmitted": len(in_flight)}
+    _assert_same(saved, restored.state_dict())  # the whole payload, committee included
+    for before, after in zip(original.trajectories, restored.trajectories, strict=True):
+        assert (after.md.step, after.status, after.labels_done) == (before.md.step, before.status, before.labels_done)
+        np.testing.assert_array_equal(after.md.atoms.get_positions(), before.md.atoms.get_positions())
+        np.testing.assert_array_equal(after.md.atoms.get_momenta(), before.md.atoms.get_momenta())
+        np.testing.assert_array_equal(after.checkpoint.get_positions(), before.checkpoint.get_positions())
+        assert after.md.rng.normal() == before.md.rng.normal()  # the thermostat noise continues exactly
+        assert after.labels_in_flight == before.labels_in_flight
+    assert restored.threshold.value == original.threshold.value
+    assert (restored.training_rounds, restored.training_debt) == (original.training_rounds, original.training_debt)
+    assert restored.committee.rounds == original.committee.rounds
+    assert restored.committee.rng.random() == original.committee.rng.random()
+    # Every label in flight went to the reference again, with its own frame and folder.
+    assert sorted(restored._in_flight) == sorted(original._in_flight) == in_flight
+    assert [Path(w).name for w, _ in executor.submitted] == [f"al_{k:06d}" for k in in_flight]
+    for (_, positions), label in zip(executor.submitted, saved["in_flight"], strict=True):
+        np.testing.assert_array_equal(positions, label["frame"]["positions"])
+    # The next label continues the numbering instead of reusing an id.
+    assert restored._next_label == original._next_label
+
+
+def test_labels_stored_before_the_kill_are_adopted_not_resubmitted(tmp_path):
+    config = ALConfig(**ROUND_TRIP, md=MDConfig(temperature_K=300))
+    _, _, path = _interrupted_scheduler(tmp_path, config)
+    saved = load_checkpoint(path)["al"]
+    first = saved["in_flight"][0]
+    restored, executor = _fresh_scheduler(tmp_path, config)
+    counts = restored.load_state_dict(saved, lambda p: "train" if p == first["provenance"] else None)
+    assert counts == {"adopted": 1, "resubmitted": len(saved["in_flight"]) - 1}
+    assert first["label"] not in restored._in_flight and len(executor.submitted) == counts["resubmitted"]
+    trajectory = restored.trajectories[first["trajectory"]]
+    before = saved["trajectories"][first["trajectory"]]
+    assert trajectory.labels_done == before["labels_done"] + 1
+    np.testing.assert_array_equal(trajectory.checkpoint.get_positions(), first["frame"]["positions"])
+    assert restored.training_debt == saved["training_debt"] + config.max_epochs_per_point  # 'continue' pays it

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from aimspax_like.errors import SetupError
+from aimspax_like.errors import AimspaxError, CampaignInterrupted, SetupError
+from aimspax_like.signals import StopFlag
 from aimspax_like.state import (
     FORMAT_VERSION,
-    CampaignInterrupted,
-    StopFlag,
     load_checkpoint,
     save_checkpoint,
     unsafe_changes,
@@ -65,7 +64,7 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
     with pytest.raises(SetupError, match="no format_version"):
         load_checkpoint(path)
     torch.save({"format_version": FORMAT_VERSION + 1}, path)
-    with pytest.raises(SetupError, match="format_version 2"):
+    with pytest.raises(SetupError, match=f"format_version {FORMAT_VERSION + 1}"):
         load_checkpoint(path)
 
 
@@ -100,3 +99,10 @@ def test_stop_flag_records_sigterm_and_restores_handlers():
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) == previous
     assert "SIGTERM" in str(CampaignInterrupted(signal.SIGTERM))
+
+
+def test_an_interruption_is_no_setup_error():
+    """The CLI turns SetupErrors into exit code 2; a clean stop must keep its 128 + signum."""
+    stopped = CampaignInterrupted(signal.SIGINT)
+    assert isinstance(stopped, AimspaxError) and not isinstance(stopped, SetupError)
+    assert stopped.signum == signal.SIGINT
