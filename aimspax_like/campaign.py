@@ -29,12 +29,14 @@ from ase import Atoms
 from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunContext, RunPaths
 from aimspax_like.data import DatasetStore, export_extxyz
-from aimspax_like.errors import ConfigError, RunDirectoryError
+from aimspax_like.errors import CampaignInterrupted, ConfigError, RunDirectoryError, SetupError
 from aimspax_like.events import EventLog
-from aimspax_like.state import AL_CHECKPOINT, CampaignInterrupted, load_checkpoint, unsafe_changes, write_atomic
+from aimspax_like.run_lock import LOCK_NAME, RunLock
+from aimspax_like.state import AL_CHECKPOINT, load_checkpoint, unsafe_changes, write_atomic
 from aimspax_like.structures import read_structures
 
 PHASES = ("idg", "al", "converge")
+CONFIG_RECORD = "config_record.yaml"
 
 
 def check_inputs(config: CampaignConfig) -> list[Atoms]:
@@ -55,9 +57,37 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
         raise ConfigError("converge.enabled", "nothing to train on: idg and al are both disabled")
     if config.reference.compute_stress and not all(a.pbc.all() for a in structures):
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
+    _check_npt(config, structures)
+    if config.reference.kind == "pyscf":
+        _check_spin(config.reference.charge, config.reference.spin, structures)
+    if config.cluster.kind == "slurm":
+        missing = [cmd for cmd in ("sbatch", "squeue", "scancel") if shutil.which(cmd) is None]
+        if missing:
+            raise ConfigError("cluster.kind", f"slurm, but {', '.join(missing)} not found on PATH "
+                              "(run the driver where SLURM's commands are, or use cluster.kind: local)")
     if config.model.device == "cuda":
         check_cuda()
     return structures
+
+
+def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> None:
+    """A barostat needs a periodic cell in every direction, and stresses from what drives the MD."""
+    blocks = [("idg.md", config.idg.md), ("test_set.md", config.test_set.md)]
+    blocks += [(f"al.md[{k}]" if isinstance(config.al.md, list) else "al.md", config.al.md_for(k))
+               for k in range(config.al.num_trajectories)]
+    for key, md in blocks:
+        if md.ensemble.startswith("npt") and not all(a.pbc.all() for a in structures):
+            raise ConfigError(f"{key}.ensemble", f"{md.ensemble} needs periodic cells in every start structure")
+
+
+def _check_spin(charge: int, spin: int, structures: list[Atoms]) -> None:
+    """PySCF's ``spin`` (2S) must fit each structure's electron count (parity, and at most all of them)."""
+    for index, atoms in enumerate(structures):
+        electrons = int(atoms.numbers.sum()) - charge
+        if electrons < 0 or spin > electrons or (electrons - spin) % 2:
+            raise ConfigError("reference.spin", f"spin (2S) {spin} does not fit the {electrons} electrons of "
+                              f"start structure {index} (charge {charge}): 2S must have the parity of the "
+                              "electron count")
 
 
 def check_cuda() -> None:
@@ -97,20 +127,34 @@ def _load_results(paths: RunPaths) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
+def _record_config(paths: RunPaths, config: CampaignConfig) -> None:
+    """Write ``campaign.yaml`` for the user and the record a resume is checked against.
+
+    The record (``state/config_record.yaml``) is the engine's own copy: editing the run
+    directory's ``campaign.yaml`` and then ``resume RUN`` must not slip a change past the check.
+    """
+    text = config.resolved_yaml()
+    write_atomic(paths.state / CONFIG_RECORD, text.encode())
+    write_atomic(paths.config, text.encode())
+
+
 def _resumable(config: CampaignConfig) -> RunPaths | None:
     """The run directory to continue, or None when there is nothing to continue (start fresh)."""
     paths = RunPaths(Path(config.output.directory))
     if not paths.config.is_file():
         return None
-    changed = unsafe_changes(paths.config.read_text(), config.resolved_yaml())
+    record = paths.state / CONFIG_RECORD
+    recorded = record.read_text() if record.is_file() else paths.config.read_text()
+    changed = unsafe_changes(recorded, config.resolved_yaml())
     if changed:
-        raise ConfigError(changed[0], f"differs from the config of {paths.root} it would resume; change it back "
+        raise ConfigError(changed[0], f"differs from the config {paths.root} was run with; change it back "
                           f"or start a new run directory ({len(changed)} key(s) differ)")
     if (paths.state / AL_CHECKPOINT).exists():  # refuse a damaged one before any worker starts
         load_checkpoint(paths.state / AL_CHECKPOINT)
-    if not paths.dataset.is_file():  # killed while the folder was being laid out: nothing labelled yet
-        DatasetStore.create(paths.dataset)
-    write_atomic(paths.config, config.resolved_yaml().encode())  # the safe changes now apply
+    if not paths.dataset.is_file():  # the store is made before campaign.yaml: it was deleted
+        raise RunDirectoryError(f"{paths.dataset}: missing from a started run directory; its labels are gone "
+                                "(restore the file, or start a new run directory)")
+    _record_config(paths, config)  # the safe changes now apply
     return paths
 
 
@@ -125,16 +169,18 @@ def _prepare_directory(config: CampaignConfig, phases: Sequence[str], overwrite:
     paths = RunPaths(Path(config.output.directory))
     starts_fresh = phases[0] == "idg"
     if starts_fresh:
-        if paths.root.exists() and any(paths.root.iterdir()):
+        content = [p for p in paths.root.iterdir() if p.name != LOCK_NAME] if paths.root.exists() else []
+        if content:
             if not overwrite:
                 raise RunDirectoryError(
                     f"{paths.root}: run directory exists; pass --overwrite to start over"
                 )
-            shutil.rmtree(paths.root)
+            for item in content:  # everything but the lock this driver holds
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         for folder in (paths.state, paths.data, paths.models, paths.logs, paths.labels):
             folder.mkdir(parents=True, exist_ok=True)
-        paths.config.write_text(config.resolved_yaml())
         DatasetStore.create(paths.dataset)
+        _record_config(paths, config)  # written last: a campaign.yaml means the layout is complete
         return paths
     done = _read_phases(paths) if paths.root.exists() else []
     required = PHASES[: PHASES.index(phases[0])]
@@ -162,25 +208,71 @@ def run_campaign(
     ``resume`` an existing run directory is continued (a missing one is started); a finished
     one returns ``{"already_finished": True, ...}`` at once. ``should_stop`` returns a signal
     number once the campaign should save and stop (``CampaignInterrupted`` is raised).
+    The run directory's lock (``run_lock``) is held from before anything is written until the end.
     """
+    structures = check_inputs(config)
+    root = Path(config.output.directory)
+    created = _make_root(root)
+    lock = RunLock(root)
+    try:
+        lock.acquire()
+        return _run_locked(config, structures, phases, overwrite, on_progress, executor, resume, should_stop)
+    finally:
+        lock.release()
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # refused before anything was written: leave nothing behind
+
+
+def root_of(config: CampaignConfig) -> Path:
+    return Path(config.output.directory)
+
+
+def _only_layout(root: Path) -> bool:
+    """Whether the folder holds nothing but (part of) a campaign layout."""
+    names = {"state", "data", "models", "logs", "labels", "campaign.yaml", LOCK_NAME}
+    return not root.exists() or all(p.name in names for p in root.iterdir())
+
+
+def _make_root(root: Path) -> bool:
+    """Create the run directory (for its lock); True if it was created here. One-line errors."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError("output.directory", f"{root} exists and is not a directory")
+    if root.is_dir():
+        return False
+    try:
+        root.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError("output.directory", f"cannot create {root} ({exc.strerror or exc})") from None
+    return True
+
+
+def _run_locked(
+    config: CampaignConfig,
+    structures: list[Atoms],
+    phases: Sequence[str],
+    overwrite: bool,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+    executor: Any,
+    resume: bool,
+    should_stop: Callable[[], int] | None,
+) -> dict[str, Any]:
     from aimspax_like.analysis.summary import build_summary, write_summary
     from aimspax_like.execution import make_label_executor
 
-    structures = check_inputs(config)
     paths = _resumable(config) if resume else None
     results: dict[str, Any] = {}
     if paths is None:
-        # A folder without campaign.yaml holds no label (the config is written before the store).
-        no_labels = resume and not (Path(config.output.directory) / "data/dataset.h5").exists()
-        paths = _prepare_directory(config, phases, overwrite or no_labels)
+        # A layout without campaign.yaml holds no label (the store is made before the config):
+        # a resume of it starts it over. Anything else in the folder is not ours to delete.
+        paths = _prepare_directory(config, phases, overwrite or (resume and _only_layout(root_of(config))))
         (paths.state / AL_CHECKPOINT).unlink(missing_ok=True)  # an overwritten AL starts afresh
     else:
         if _finished(paths, config):
             return {"already_finished": True, "directory": str(paths.root)}
         results = _load_results(paths)
         phases = [p for p in phases if p not in _read_phases(paths)]
-    events = EventLog(paths.events)
     store = DatasetStore.open(paths.dataset)
+    events = EventLog(paths.events)
     owned = executor is None
     if owned:
         executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
@@ -219,10 +311,17 @@ def run_campaign(
         write_summary(paths.report, summary)
         return summary
     finally:
-        if config.output.export_xyz:
-            _export(ctx)
-        events.emit("campaign_end", wall_s=ctx.clock.elapsed)
-        events.close()
+        # Whatever stopped the campaign is what the user must see: a failed export (the store
+        # deleted, the disk full) is logged, never raised over it, and the log is always closed.
+        try:
+            if config.output.export_xyz:
+                _export(ctx)
+        except (SetupError, OSError) as exc:
+            ctx.events.emit("export_failed", error=str(exc)[:300])
+        try:
+            events.emit("campaign_end", wall_s=ctx.clock.elapsed, seconds=dict(ctx.clock.seconds))
+        finally:
+            events.close()
 
 
 def _enabled(config: CampaignConfig, phase: str) -> bool:

@@ -35,10 +35,43 @@ def read_structures(paths: list[Path], index: str = ":") -> list[Atoms]:
         frames = frames if isinstance(frames, list) else [frames]
         if not frames or any(len(a) == 0 for a in frames):
             raise ConfigError("system.structures", f"no atoms in {file}")
-        for atoms in frames:
+        for number, atoms in enumerate(frames):
             atoms.calc = None
+            problem = structure_problem(atoms)
+            if problem:
+                where = f"{file}" + (f" (frame {number})" if len(frames) > 1 else "")
+                raise ConfigError("system.structures", f"{where}: {problem}")
         structures.extend(frames)
     return structures
+
+
+# Atoms closer than this fraction of their covalent-radius sum are overlapping, not bonded
+# (H-H at 0.31 A, C-C at 0.38 A): MD from there explodes, and every label would be wasted.
+MIN_DISTANCE_FACTOR = 0.5
+
+
+def structure_problem(atoms: Atoms) -> str | None:
+    """Why a start structure cannot be simulated (non-finite numbers, no cell, overlaps), or None."""
+    from ase.data import covalent_radii
+    from ase.neighborlist import neighbor_list
+
+    if not np.isfinite(atoms.positions).all():
+        return "non-finite coordinates"
+    if not np.isfinite(atoms.cell.array).all():
+        return "non-finite cell"
+    if atoms.pbc.any() and abs(atoms.cell.volume if atoms.pbc.all() else 1.0) < 1e-6:
+        return "periodic but without a cell (or a flat one)"
+    if atoms.pbc.any() and any(np.linalg.norm(atoms.cell[k]) < 1e-6 for k in range(3) if atoms.pbc[k]):
+        return "periodic along an axis whose cell vector is zero"
+    radii = covalent_radii[atoms.numbers]
+    cutoff = MIN_DISTANCE_FACTOR * 2 * float(radii.max())
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
+    close = d < MIN_DISTANCE_FACTOR * (radii[i] + radii[j])
+    if close.any():
+        k = int(np.argmin(np.where(close, d, np.inf)))
+        return (f"atoms {min(i[k], j[k])} and {max(i[k], j[k])} are {d[k]:.2f} A apart, overlapping "
+                f"(less than {MIN_DISTANCE_FACTOR} x their covalent radii)")
+    return None
 
 
 def relaxed_start_structures(ctx: Any) -> list[Atoms]:
@@ -60,12 +93,26 @@ def relaxed_start_structures(ctx: Any) -> list[Atoms]:
     relaxed = []
     for index, start in enumerate(ctx.structures):
         atoms = start.copy()
-        atoms.calc = make_calculator(ctx.reference_spec, ctx.paths.labels / f"relax_{index}")
-        energy0 = float(atoms.get_potential_energy())
-        optimizer = BFGS(atoms, logfile=None)
-        converged = bool(optimizer.run(fmax=system.relax_fmax, steps=system.relax_steps))
-        energy = float(atoms.get_potential_energy())
-        fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+        try:
+            atoms.calc = make_calculator(ctx.reference_spec, ctx.paths.labels / f"relax_{index}")
+            energy0 = float(atoms.get_potential_energy())
+            optimizer = BFGS(atoms, logfile=None)
+            converged = bool(optimizer.run(fmax=system.relax_fmax, steps=system.relax_steps))
+            energy = float(atoms.get_potential_energy())
+            fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+        except Exception as exc:  # the reference's own failure, of any type: one line, state kept
+            from aimspax_like.errors import CampaignStopped
+            from aimspax_like.reference.results import classify_exception
+
+            message = classify_exception(exc)[1]
+            ctx.events.emit("relax_failed", structure=index, error=message)
+            raise CampaignStopped(f"system.relax: the reference failed relaxing start structure {index} "
+                                  f"({message}); fix the reference, then resume to continue") from None
+        if not np.isfinite([energy0, energy, fmax]).all():
+            from aimspax_like.errors import CampaignStopped
+
+            raise CampaignStopped(f"system.relax: the reference returned non-finite numbers relaxing start "
+                                  f"structure {index}; fix the reference, then resume to continue")
         ctx.events.emit("relaxed", structure=index, energy_drop=energy0 - energy, steps=optimizer.nsteps,
                         fmax=fmax, converged=converged)
         if not converged:

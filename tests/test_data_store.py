@@ -98,7 +98,8 @@ def test_ragged_sizes_and_extend(tmp_path, rng):
                 atoms, energy=float(n), forces=rng.normal(size=(n, 3)), split="train", origin="al", md_step=n
             )
         )
-    store = DatasetStore(tmp_path / "new" / "data.h5")  # file created on first write
+    assert DatasetStore(tmp_path / "new" / "data.h5").frames() == []  # a reader sees a missing file as empty
+    store = DatasetStore.create(tmp_path / "new" / "data.h5")
     assert len(store) == 0 and store.frames() == []
     assert store.extend(frames[:3]) == [0, 1, 2]
     assert store.append(frames[3]) == 3
@@ -317,3 +318,45 @@ def test_a_held_frame_is_released_durably(tmp_path, rng):
         again.set_split(0, "bogus")
     with pytest.raises(KeyError):
         again.index_of("al", 5, 5)
+
+
+def _frame(md_step: int = 0, **change: object) -> LabelledFrame:
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]])
+    fields = {"energy": -1.0, "forces": np.zeros((2, 3)), "split": "train", "origin": "al", "md_step": md_step}
+    fields.update(change)
+    return LabelledFrame.from_atoms(atoms, **fields)
+
+
+def test_a_deleted_store_is_never_recreated(tmp_path: Path) -> None:
+    """Only the creating writer initialises a store: a file deleted mid-run stops the writer."""
+    store = DatasetStore.create(tmp_path / "data.h5")
+    store.append(_frame(0))
+    (tmp_path / "data.h5").unlink()
+    with pytest.raises(SetupError, match="disappeared"):
+        store.append(_frame(1))
+    with pytest.raises(SetupError, match="disappeared"):
+        store.frames()
+    assert not (tmp_path / "data.h5").exists()
+    with pytest.raises(SetupError, match="not found"):
+        DatasetStore(tmp_path / "data.h5").append(_frame(2))
+    assert not (tmp_path / "data.h5").exists()
+
+
+@pytest.mark.parametrize("field", ["energy", "forces", "positions", "stress"])
+def test_non_finite_frames_are_refused(tmp_path: Path, field: str) -> None:
+    store = DatasetStore.create(tmp_path / "data.h5")
+    good = _frame(0, stress=np.zeros(6))
+    bad = _frame(1, stress=np.zeros(6))
+    value = getattr(bad, field)
+    if field == "energy":
+        bad.energy = float("nan")
+    else:
+        value = np.array(value, dtype=float)
+        value.flat[0] = np.inf
+        setattr(bad, field, value)
+    with pytest.raises(ValueError, match=f"non-finite {field}"):
+        store.extend([good, bad])
+    assert len(store) == 0  # the whole batch is refused before the file is touched
+    with pytest.raises(ValueError, match="non-finite"):
+        LabelledFrame.from_atoms(Atoms("H", positions=[[0, 0, np.nan]]), energy=0.0, forces=np.zeros((1, 3)),
+                                 split="train", origin="al")

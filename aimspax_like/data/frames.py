@@ -94,6 +94,16 @@ class LabelledFrame:
         self.label_wall_s = float(self.label_wall_s)
         self.created = float(self.created)
         self.reference = str(self.reference)
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Refuse non-finite geometry or label numbers: one NaN force poisons every member trained on it."""
+        bad = [name for name, value in (("positions", self.positions), ("cell", self.cell),
+                                        ("energy", self.energy), ("forces", self.forces),
+                                        ("stress", self.stress)) if value is not None
+               and not np.isfinite(value).all()]
+        if bad:
+            raise ValueError(f"non-finite {', '.join(bad)} in a labelled frame; refused")
 
     def __len__(self) -> int:
         return len(self.numbers)

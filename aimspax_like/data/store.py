@@ -80,13 +80,20 @@ def _ascii(value: str, name: str) -> bytes:
 class DatasetStore:
     """Append-only, crash-safe store of ``LabelledFrame``s in one HDF5 file.
 
-    ``DatasetStore(path)`` only binds the path: a store whose file does not exist yet reads as
-    empty and the first write creates it. ``create`` and ``open`` are the strict entry points
-    (refuse an existing file, respectively a missing or damaged one).
+    ``DatasetStore(path)`` only binds the path, for readers: a store whose file does not exist
+    reads as empty. ``create`` and ``open`` are the writer's entry points (refuse an existing
+    file, respectively a missing or damaged one), and a store they return never creates its file
+    again: only the creating writer initialises a store, so a ``dataset.h5`` deleted while a
+    campaign runs stops the campaign (``SetupError``) instead of being silently recreated
+    empty, which would drop every label paid for so far from the dataset and its exports.
+
+    Every frame is checked before it is written: non-finite positions, cell, energy, forces or
+    stress are refused (``ValueError``); nothing that could poison training enters the file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._must_exist = False  # set by create/open: a vanished file is an error, not empty
 
     def __repr__(self) -> str:
         return f"DatasetStore({str(self.path)!r})"
@@ -98,6 +105,7 @@ class DatasetStore:
         if store.path.exists():
             raise SetupError(f"{store.path}: refusing to create a dataset store, the file exists")
         store._initialise()
+        store._must_exist = True
         return store
 
     @classmethod
@@ -110,7 +118,17 @@ class DatasetStore:
             n = int(h5.attrs["n_frames"])
             if n:
                 store._read(h5, np.array([n - 1]))  # the newest frame must be fully readable
+        store._must_exist = True
         return store
+
+    def _exists(self) -> bool:
+        """Whether the file is there; for a writer's store a vanished file is an error."""
+        if self.path.exists():
+            return True
+        if self._must_exist:
+            raise SetupError(f"{self.path}: the dataset store disappeared while the campaign ran; its labels "
+                             "are gone from this run directory (restore the file, then resume)")
+        return False
 
     def _initialise(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +163,8 @@ class DatasetStore:
     @contextlib.contextmanager
     def _reader(self) -> Iterator[h5py.File]:
         """Open read-only without the HDF5 lock; any HDF5 failure becomes a one-line SetupError."""
+        if self._must_exist:
+            self._exists()
         try:
             h5 = h5py.File(self.path, "r", locking=False)
         except _H5_ERRORS as exc:
@@ -164,9 +184,9 @@ class DatasetStore:
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[h5py.File]:
-        """Open for writing (creating the file if needed), close, then fsync before returning."""
-        if not self.path.exists():
-            self._initialise()
+        """Open for writing, close, then fsync before returning (the file must exist: see class doc)."""
+        if not self._exists():
+            raise SetupError(f"{self.path}: dataset store not found (only DatasetStore.create makes one)")
         deadline = time.monotonic() + _LOCK_WAIT_S
         while True:
             try:
@@ -196,6 +216,8 @@ class DatasetStore:
         batch = list(frames)
         if not batch:
             return []
+        for frame in batch:
+            frame.check_finite()
         # Build every column before touching the file, so a bad value cannot leave a half write.
         sizes = np.array([len(f) for f in batch], dtype=np.int64)
         per_atom = {
@@ -254,7 +276,7 @@ class DatasetStore:
             ds[row:end] = values
 
     def __len__(self) -> int:
-        if not self.path.exists():
+        if not self._exists():
             return 0
         with self._reader() as h5:
             return int(h5.attrs["n_frames"])
@@ -302,7 +324,7 @@ class DatasetStore:
     def frames(self, split: str | None = None, origin: str | None = None,
                member: int | None = None) -> list[LabelledFrame]:
         """Frames in insertion order; ``member=m`` keeps m's own frames plus shared ones (-1)."""
-        if not self.path.exists():
+        if not self._exists():
             return []
         with self._reader() as h5:
             return self._read(h5, self._select(h5, split, origin, member))
@@ -325,7 +347,7 @@ class DatasetStore:
         A resumed campaign asks this before storing a label again (no new column was needed:
         the three fields exist since format_version 1).
         """
-        if not self.path.exists():
+        if not self._exists():
             return []
         with self._reader() as h5:
             n = int(h5.attrs["n_frames"])
@@ -337,7 +359,7 @@ class DatasetStore:
         """``{"total": n, "split": {name: n}, "origin": {name: n}}``, every known name present."""
         splits: list[str] = []
         origins: list[str] = []
-        if self.path.exists():
+        if self._exists():
             with self._reader() as h5:
                 n = int(h5.attrs["n_frames"])
                 splits = list(h5["split"].asstr()[:n])
