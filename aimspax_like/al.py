@@ -3,8 +3,9 @@
 Glue only: it builds an ``ALScheduler`` from the run context (trajectories dealt round-robin
 over the start structures, labels stored through ``RunContext.store_label`` with the
 train/valid alternation of ``al.valid_ratio``), checkpoints it after every label and training
-round (``state.Checkpointer``), resumes it from ``state/al_checkpoint.pt`` when one exists, and
-saves the updated members at the end.
+round (``state.Checkpointer`` writing ``ALScheduler.state_dict``), resumes it from
+``state/al_checkpoint.pt`` when one exists (``ALScheduler.load_state_dict``), and saves the
+updated members (and with them the committee's state, ``Committee.save``) at the end.
 
 The split counter needs no checkpoint: the k-th AL label's split depends only on k, and k is
 the number of AL frames in the dataset.
@@ -24,7 +25,7 @@ from aimspax_like.data.splits import SplitCounter
 from aimspax_like.label_gate import EnergyGate
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.scheduler import ALScheduler
-from aimspax_like.state import AL_CHECKPOINT, Checkpointer, load_checkpoint, restore_scheduler
+from aimspax_like.state import AL_CHECKPOINT, Checkpointer, load_checkpoint
 
 
 def _guards(guards_config: Any) -> Callable[[Atoms, Any], list[Any]]:
@@ -69,6 +70,7 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
         train_set_size=ctx.train_size, faults=ctx.faults, clock=ctx.clock, seed=ctx.config.seed,
         on_progress=ctx.on_progress, should_stop=ctx.should_stop,
         guards=_guards(config.guards), energy_gate=_energy_gate(ctx, stored), trust_factor=config.guards.trust_factor,
+        labeller=ctx.labeller,
     )
     scheduler.held = [
         (f.to_atoms(), LabelResult(f.energy, f.forces, f.stress, None, 0.0),
@@ -81,8 +83,8 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
         stored_splits = {(f.trajectory, f.md_step): f.split for f in al_frames}
-        counts = restore_scheduler(
-            scheduler, state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"]))
+        counts = scheduler.load_state_dict(
+            state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"]))
         )
         ctx.events.emit("phase_resume", phase="al", checkpoint_event=state.get("event"), **counts)
     else:

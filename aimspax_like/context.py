@@ -19,6 +19,7 @@ from ase import Atoms
 from aimspax_like.config import CampaignConfig
 from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
 from aimspax_like.events import EventLog, WallClock
+from aimspax_like.labelling import Labeller
 from aimspax_like.reference.results import LabelResult
 
 
@@ -79,8 +80,11 @@ class RunContext:
     split_counts: dict[str, int] = field(default_factory=dict)
     should_stop: Callable[[], int] = lambda: 0  # a signal number once SIGTERM/SIGINT arrived
     stored_keys: set[tuple[str, int, int]] = field(default_factory=set)
+    labeller: Labeller = field(init=False)
 
     def __post_init__(self) -> None:
+        self.labeller = Labeller.for_campaign(self.config, self.executor, self.paths.labels, self.events, self.clock,
+                                              should_stop=lambda: self.should_stop())
         # Counted once from the file, then kept in step by store_label (the stop criteria ask
         # for the training-set size every MD step; reopening the HDF5 file each time is waste).
         self.split_counts = dict(self.store.counts()["split"])
@@ -122,38 +126,14 @@ class RunContext:
         return frame
 
     def label_on_workers(
-        self, phase: str, frames: list[Atoms], first_label: int, seed_offset: int = 0,
-        fields: list[dict[str, Any]] | None = None,
+        self, phase: str, frames: list[Atoms], first_label: int, fields: list[dict[str, Any]] | None = None,
     ) -> list[LabelResult | None]:
         """Label frames on the workers in parallel (IDG and test-set batches); a failure is None.
 
-        Label ``k`` gets the scratch folder ``labels/<phase>_<first_label + k>`` and a seed of its
-        own; every label is a ``label_submitted`` and a ``label_done`` / ``label_failed`` event
-        (with ``phase``, so the AL overlap analysis leaves it out).
+        Goes through the campaign's one ``Labeller`` (same folders, seeds, retries, events and
+        stop rule as active learning); label ``k`` is number ``first_label + k`` of ``phase``.
         """
-        from aimspax_like.reference.results import LabelFailure
-        from aimspax_like.scheduler import outcome_of
-
-        fields = fields or [{} for _ in frames]
-        futures = []
-        for k, (atoms, extra) in enumerate(zip(frames, fields, strict=True)):
-            number = first_label + k
-            workdir = str(self.paths.labels / f"{phase}_{number:06d}")
-            seed = self.config.seed * 1_000_003 + seed_offset + number
-            futures.append(self.executor.submit(atoms, self.reference_spec, workdir, self.faults, seed=seed))
-            self.events.emit("label_submitted", phase=phase, **extra)
-        results: list[LabelResult | None] = []
-        for future in futures:
-            with self.clock.measure("waiting"):
-                outcome = outcome_of(future)
-            self.clock.add("labelling", outcome.wall_s)
-            if isinstance(outcome, LabelFailure):
-                self.events.emit("label_failed", phase=phase, kind=outcome.kind.value, message=outcome.message)
-                results.append(None)
-            else:
-                self.events.emit("label_done", phase=phase, wall_s=outcome.wall_s)
-                results.append(outcome)
-        return results
+        return self.labeller.label_all(phase, frames, first_label, fields)
 
     def release_label(self, origin: str, trajectory: int, md_step: int, split: str) -> LabelledFrame:
         """A held label joins ``split`` (durably: the store's split column is rewritten)."""
@@ -178,7 +158,7 @@ class RunContext:
     def progress(self, **status: Any) -> None:
         """Report progress; also where convergence training (not checkpointed) obeys a stop."""
         if status.get("phase") == "converge" and self.should_stop():
-            from aimspax_like.state import CampaignInterrupted
+            from aimspax_like.errors import CampaignInterrupted
 
             raise CampaignInterrupted(int(self.should_stop()))
         if self.on_progress is not None:

@@ -27,10 +27,10 @@ from aimspax_like.committee import Committee
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
+from aimspax_like.errors import CampaignInterrupted
 from aimspax_like.probe import ProbeResult, probe_committee
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
-from aimspax_like.state import CampaignInterrupted
 
 
 class MemberDealer:
@@ -54,7 +54,8 @@ def _reference_sampler(ctx: RunContext) -> StridedSampler:
     return StridedSampler(
         ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), ctx.config.idg.md,
         ctx.config.idg.stride, seed=ctx.config.seed,
-        on_failure=lambda i, exc: ctx.events.emit("md_failed", phase="idg", structure=i, error=str(exc)[:200]),
+        on_failure=lambda i, exc: ctx.labeller.reference_md_failed("idg", exc, structure=i),
+        on_success=ctx.labeller.reference_md_succeeded,
     )
 
 

@@ -24,7 +24,9 @@ successfully (the start structure before that).
 
 Observers (``observers``, called with an event name after every submitted label, every label
 that came back and every training round) let the campaign checkpoint without the loop knowing
-about files; ``should_stop`` (a signal flag) makes the loop save and stop cleanly.
+about files; ``should_stop`` (a signal flag) makes the loop save and stop cleanly. What such a
+checkpoint holds is ``state_dict`` (plain data: arrays, dicts), and ``load_state_dict`` puts it
+back; writing it to disk is ``aimspax_like.state``'s business.
 
 The scheduler only sees a ``CommitteeLike`` (forces for a batch, add a frame, train a round) and a
 ``LabelSubmitter`` (submit returns a future of a result or a typed failure).
@@ -45,12 +47,13 @@ from ase import Atoms
 
 from aimspax_like.config import ALConfig
 from aimspax_like.data import LabelledFrame
+from aimspax_like.errors import CampaignInterrupted, SetupError
 from aimspax_like.events import EventLog, WallClock
 from aimspax_like.guards import FiniteGuard, Guard, first_failure
 from aimspax_like.label_gate import EnergyGate
-from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome
+from aimspax_like.labelling import Labeller, outcome_of
+from aimspax_like.reference.results import LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
-from aimspax_like.state import CampaignInterrupted
 from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
 
 
@@ -63,7 +66,12 @@ class Status(str, Enum):
 
 class CommitteeLike(Protocol):
     """What the scheduler needs of the committee (``committee_energies`` ``[M, S]`` is optional:
-    with it, frames the committee places far above the seen energies are not sent to the reference)."""
+    with it, frames the committee places far above the seen energies are not sent to the reference).
+
+    ``state_dict()`` / ``load_state_dict(state)`` are optional too: a committee with them has its
+    learned state (the trainer) saved in and restored from the scheduler's checkpoint; one
+    without them (a stand-in) has nothing to save.
+    """
 
     def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]: ...
     def add(self, frame: LabelledFrame) -> None: ...
@@ -127,10 +135,19 @@ class ALScheduler:
         guards: Callable[[Atoms, Any], list[Guard]] | None = None,
         energy_gate: EnergyGate | None = None,
         trust_factor: float | None = None,
+        labeller: Labeller | None = None,
     ) -> None:
         self.config = config
         self.committee = committee
         self.executor = executor
+        # Every label goes through the campaign's one labelling path (folders, seeds, retries,
+        # events, the stop rule); a scheduler built on its own (tests) gets a labeller of its own.
+        self.labeller = labeller or Labeller(
+            executor, reference_spec, workdir_root, events, faults=faults, seed=seed,
+            crashed_retries=config.failures.crashed_retries, timed_out_retries=config.failures.timed_out_retries,
+            max_consecutive=config.failures.max_consecutive, clock=clock,
+            should_stop=lambda: int(self.should_stop()),
+        )
         self.sink = sink
         self.events = events
         self.reference_spec = reference_spec
@@ -328,7 +345,7 @@ class ALScheduler:
             "uncertainty": delta,
         }
         self.events.emit(
-            "label_submitted", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
+            "label_submitted", phase="al", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
             delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1,
         )
         if not self.continues:
@@ -342,12 +359,10 @@ class ALScheduler:
     def launch(self, label_id: int, index: int, frame: Atoms, provenance: dict[str, Any]) -> None:
         """Send one frame to the reference (also on a retry, and on resume for labels in flight)."""
         attempt = self.attempts.get(label_id, 0)
-        workdir = str(self.workdir_root / (f"al_{label_id:06d}" + (f"_retry{attempt}" if attempt else "")))
         self._in_flight[label_id] = (index, frame, provenance)
         self.trajectories[index].labels_in_flight += 1
         self._steps_at_launch[label_id] = (self._total_steps(), self.trajectories[index].md.step)
-        seed = self.seed * 1_000_003 + label_id + 7919 * attempt  # a retry is a fresh fault draw
-        future = self.executor.submit(frame, self.reference_spec, workdir, self.faults, seed=seed)
+        future = self.labeller.submit("al", label_id, frame, attempt, announce=False)
         future.add_done_callback(lambda f, i=index, lid=label_id: self._finished.put((i, lid, f)))
 
     # ------------------------------------------------------------------ labels back
@@ -376,15 +391,13 @@ class ALScheduler:
         _, frame, provenance = self._in_flight.pop(label_id)
         outcome = outcome_of(future)
         trajectory.labels_in_flight -= 1
-        self.clock.add("labelling", outcome.wall_s)
         others = self._steps_by_others(label_id, trajectory)
         if isinstance(outcome, LabelFailure):
-            retry = self.attempts.get(label_id, 0) < self._retries(outcome.kind)
-            self.events.emit(
-                "label_failed", label=label_id, trajectory=index, kind=outcome.kind.value,
-                message=outcome.message, wall_s=outcome.wall_s, workdir=outcome.workdir, retry=retry,
-                others_md_steps=others,
-            )
+            retry = self.labeller.may_retry(outcome, self.attempts.get(label_id, 0))
+            # May raise LabelsKeepFailing: the last checkpoint still holds this label in flight,
+            # so a resume submits it again.
+            self.labeller.record_failure("al", outcome, retry=retry, label=label_id, trajectory=index,
+                                         others_md_steps=others)
             if retry:
                 self.attempts[label_id] = self.attempts.get(label_id, 0) + 1
                 self.launch(label_id, index, frame, provenance)
@@ -395,13 +408,14 @@ class ALScheduler:
                 self._rewind(trajectory)
             self._notify("label")
             return
+        self.labeller.record_success(outcome)
         outlier = self.energy_gate.outlier(frame.numbers, outcome.energy) if self.energy_gate else None
         if outlier:
             # Paid for, so stored; but far above every energy seen so far: kept out of training
             # until the data reach it, and the trajectory that found it rewinds.
             self.sink(frame, outcome, {**provenance, "held": True})
             self.held.append((frame, outcome, provenance))
-            self.events.emit("label_held", label=label_id, trajectory=index, energy=outcome.energy,
+            self.events.emit("label_held", phase="al", label=label_id, trajectory=index, energy=outcome.energy,
                              reason=outlier, others_md_steps=others)
             trajectory.labels_held += 1
             if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
@@ -413,7 +427,7 @@ class ALScheduler:
         if self.energy_gate is not None:
             self.energy_gate.add(frame.numbers, outcome.energy)
         self.events.emit(
-            "label_done", label=label_id, trajectory=index, split=stored.split,
+            "label_done", phase="al", label=label_id, trajectory=index, split=stored.split,
             wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
             others_md_steps=others,
         )
@@ -443,12 +457,6 @@ class ALScheduler:
         """MD steps the other trajectories took while this label was in flight."""
         all0, own0 = self._steps_at_launch.pop(label_id, (self._total_steps(), trajectory.md.step))
         return (self._total_steps() - all0) - (trajectory.md.step - own0)
-
-    def _retries(self, kind: FailureKind) -> int:
-        policy = self.config.failures
-        return {FailureKind.CRASHED: policy.crashed_retries, FailureKind.TIMED_OUT: policy.timed_out_retries}.get(
-            kind, 0
-        )
 
     def adopt(self, label_id: int, index: int, frame: Atoms, held: bool = False) -> None:
         """A label of a checkpoint that was stored before the kill: count it, never store it again.
@@ -518,6 +526,83 @@ class ALScheduler:
                 self._set_status(trajectory, Status.RUNNING)
         self._notify("training")
 
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue from here: trajectories (geometry, momenta, thermostat
+        chain, step, RNG, status, checkpoint geometry, counters), the labels in flight (frame and
+        provenance, so they can be submitted again), the threshold window, the counters and the
+        committee's own state. Held labels and the energy gate are not in it: they are rebuilt
+        from the dataset, which has them already.
+        """
+        trajectories = []
+        for t in self.trajectories:
+            md = t.md
+            trajectories.append({
+                "index": t.index, "atoms": _atoms_dict(md.atoms), "momenta": md.atoms.get_momenta(),
+                "step": md.step, "chain": None if md.chain is None else md.chain.copy(),
+                "rng": md.rng.bit_generator.state, "status": t.status.value, "checkpoint": _atoms_dict(t.checkpoint),
+                "epochs_for_point": t.epochs_for_point, "labels_done": t.labels_done,
+                "labels_failed": t.labels_failed, "labels_held": t.labels_held,
+            })
+        in_flight = [
+            {"label": label_id, "trajectory": index, "frame": _atoms_dict(frame), "provenance": dict(provenance)}
+            for label_id, (index, frame, provenance) in sorted(self._in_flight.items())
+        ]
+        committee_state = getattr(self.committee, "state_dict", None)
+        return {
+            "trajectories": trajectories, "in_flight": in_flight, "threshold": self.threshold.state_dict(),
+            "next_label": self._next_label, "training_rounds": self.training_rounds,
+            "training_debt": self.training_debt, "attempts": dict(self.attempts),
+            "committee": committee_state() if committee_state is not None else None,
+        }
+
+    def load_state_dict(
+        self, state: dict[str, Any], is_stored: Callable[[dict[str, Any]], str | None]
+    ) -> dict[str, int]:
+        """Put a ``state_dict`` back into a scheduler whose trajectories were added as for a fresh run.
+
+        Labels that were in flight are adopted when ``is_stored(provenance)`` says the dataset has
+        them (it returns the stored split; a label stored as 'held' is adopted as held) and
+        submitted again otherwise. Returns how many of each ({"adopted", "resubmitted"}).
+        """
+        if len(state["trajectories"]) != len(self.trajectories):
+            raise SetupError(f"checkpoint has {len(state['trajectories'])} trajectories, "
+                             f"the config {len(self.trajectories)}")
+        load_committee = getattr(self.committee, "load_state_dict", None)
+        if state["committee"] is not None and load_committee is not None:
+            load_committee(state["committee"])
+        for t, saved in zip(self.trajectories, state["trajectories"], strict=True):
+            md = t.md
+            md.atoms.set_cell(saved["atoms"]["cell"])
+            md.atoms.set_positions(saved["atoms"]["positions"])
+            md.atoms.set_momenta(saved["momenta"])
+            md.step = saved["step"]
+            md.chain = saved["chain"]
+            md.rng.bit_generator.state = saved["rng"]
+            md.invalidate_forces()
+            t.status = Status(saved["status"])
+            t.checkpoint = _atoms_from(saved["checkpoint"])
+            t.epochs_for_point, t.labels_done = saved["epochs_for_point"], saved["labels_done"]
+            t.labels_failed = saved["labels_failed"]
+            t.labels_held = saved.get("labels_held", 0)
+        self.threshold = MovingAverageThreshold.from_state_dict(state["threshold"])
+        self._next_label = state["next_label"]
+        self.training_rounds = state["training_rounds"]
+        self.training_debt = state["training_debt"]
+        self.attempts = dict(state.get("attempts", {}))
+        counts = {"adopted": 0, "resubmitted": 0}
+        for label in state["in_flight"]:
+            frame = _atoms_from(label["frame"])
+            stored = is_stored(label["provenance"])
+            if stored:
+                self.adopt(label["label"], label["trajectory"], frame, held=stored == "held")
+                counts["adopted"] += 1
+            else:
+                self.launch(label["label"], label["trajectory"], frame, label["provenance"])
+                counts["resubmitted"] += 1
+        return counts
+
     # ------------------------------------------------------------------ progress
 
     def progress(self) -> dict[str, Any]:
@@ -537,10 +622,11 @@ class ALScheduler:
             self.on_progress(self.progress())
 
 
-def outcome_of(future: Future) -> LabelOutcome:
-    """A future that raised (a lost worker, a bug in the task) counts as a crashed label."""
-    try:
-        return future.result()
-    except Exception as exc:  # any task error is data here, not a crash of the campaign
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        return LabelFailure(FailureKind.CRASHED, f"{type(exc).__name__}: {first_line}", None, 0.0)
+def _atoms_dict(atoms: Atoms) -> dict[str, Any]:
+    """The geometry of ``atoms`` as plain arrays (no calculator, no ASE pickle in checkpoints)."""
+    return {"numbers": atoms.numbers.copy(), "positions": atoms.get_positions(), "cell": atoms.cell.array.copy(),
+            "pbc": atoms.pbc.copy()}
+
+
+def _atoms_from(data: dict[str, Any]) -> Atoms:
+    return Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"], pbc=data["pbc"])

@@ -35,10 +35,9 @@ from aimspax_like.committee import Committee
 from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
-from aimspax_like.errors import ConfigError
+from aimspax_like.errors import CampaignInterrupted, ConfigError
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
-from aimspax_like.state import CampaignInterrupted
 from aimspax_like.uncertainty import max_atomic_uncertainty
 
 HIGH_TEMPERATURE_FACTOR = 1.4  # the extra test temperature over the highest AL one (paper: 500 -> 700 K)
@@ -174,8 +173,10 @@ class _TestSampling:
             workdir = ctx.paths.labels / "test_md"
             return StridedSampler(
                 ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), md, self.config.stride,
-                seed=seed, on_failure=lambda i, exc: ctx.events.emit(
-                    "md_failed", phase="test", structure=i, temperature_K=temperature, error=str(exc)[:200]),
+                seed=seed,
+                on_failure=lambda i, exc: ctx.labeller.reference_md_failed("test", exc, structure=i,
+                                                                           temperature_K=temperature),
+                on_success=ctx.labeller.reference_md_succeeded,
             )
         if self._calculator is None:
             from aimspax_like.models.foundation import idg_foundation_calculator
@@ -199,7 +200,7 @@ class _TestSampling:
             else:
                 fresh.append((s, key))
         results = ctx.label_on_workers(
-            "test", [s.atoms for s, _ in fresh], self._label_count, seed_offset=SEED_OFFSET,
+            "test", [s.atoms for s, _ in fresh], self._label_count,
             fields=[{"structure": s.structure, "step": s.md_step, "temperature_index": index} for s, _ in fresh],
         )
         self._label_count += len(fresh)

@@ -226,7 +226,7 @@ def test_energy_outliers_are_held_out_of_training_and_rewind(tmp_path):
     config = ALConfig(num_trajectories=2, check_every=1, warmup=3, max_train_set_size=9, max_md_steps=400,
                       md=MDConfig(temperature_K=300))
     scheduler, executor, events, stored = _make(tmp_path, config)
-    scheduler.executor = _Outliers(executor)
+    scheduler.labeller.executor = _Outliers(executor)
     scheduler.energy_gate = EnergyGate(6.0, min_count=2)
     base = scheduler.sink
 

@@ -261,10 +261,14 @@ def test_crashing_calculator_is_classified_crashed(tmp_path: Path) -> None:
     assert outcome.message == "ValueError: boom: basis set file unreadable"
 
 
-def test_non_finite_results_are_crashes(tmp_path: Path) -> None:
+def test_non_finite_results_are_invalid_and_never_retried(tmp_path: Path) -> None:
+    from aimspax_like.events import EventLog
+    from aimspax_like.labelling import Labeller
+
     outcome = label(cu_cluster(), {"kind": "import", "path": f"{HERE}:NaNCalculator"}, str(tmp_path / "w"))
-    assert isinstance(outcome, LabelFailure) and outcome.kind is FailureKind.CRASHED
+    assert isinstance(outcome, LabelFailure) and outcome.kind is FailureKind.INVALID_RESULT
     assert "non-finite" in outcome.message
+    assert not Labeller(None, {}, tmp_path, EventLog(None), crashed_retries=3).may_retry(outcome, 0)
 
 
 def test_import_kind_builds_calculators_with_kwargs_and_rejects_others(tmp_path: Path) -> None:

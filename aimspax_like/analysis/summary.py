@@ -20,12 +20,35 @@ from aimspax_like.context import RunContext
 from aimspax_like.events import read_events
 
 
+def _earlier_segments(events: list[dict[str, Any]]) -> tuple[float, Counter[str]]:
+    """Wall time and time buckets of the driver runs before the current one (a resumed campaign).
+
+    Each run of the driver is a segment from ``campaign_start`` to its last event; one that ended
+    (normally, by a signal or a stop) also logged its time buckets in ``campaign_end``. A segment
+    killed outright counts with its wall time only. The last ``campaign_start`` is the current run.
+    """
+    segments: list[dict[str, Any]] = []
+    for event in events:
+        if event["event"] == "campaign_start":
+            segments.append({"t0": event["t"], "t1": event["t"], "seconds": {}})
+        elif segments:
+            segments[-1]["t1"] = event["t"]
+            if event["event"] == "campaign_end":
+                segments[-1]["seconds"] = event.get("seconds", {})
+    wall, buckets = 0.0, Counter()
+    for segment in segments[:-1]:
+        wall += segment["t1"] - segment["t0"]
+        buckets.update(segment["seconds"])
+    return wall, buckets
+
+
 def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     events = read_events(ctx.paths.events)
     failures = Counter(e.get("kind") for e in events if e["event"] == "label_failed")
     idg_steps = sum(e.get("md_steps", 0) for e in events if e["event"] == "phase_end" and e["phase"] == "idg")
     counts = ctx.store.counts()
-    seconds = ctx.clock.seconds
+    earlier_wall, earlier_seconds = _earlier_segments(events)
+    seconds = earlier_seconds + ctx.clock.seconds
     idg_end = next((e for e in reversed(events) if e["event"] == "phase_end" and e["phase"] == "idg"), None)
     summary = {
         "directory": str(ctx.paths.root),
@@ -45,7 +68,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
         "best_member": results.get("converge", {}).get("best_member"),
         "test": results.get("test"),
         "wall_s": {
-            "total": round(ctx.clock.elapsed, 2),
+            "total": round(earlier_wall + ctx.clock.elapsed, 2),
             "ml": round(seconds["md"] + seconds["training"], 2),
             "md": round(seconds["md"], 2),
             "training": round(seconds["training"], 2),

@@ -15,7 +15,8 @@ _RETURNED = ("label_done", "label_failed", "label_held")
 
 
 def label_overlap(events: list[dict[str, Any]]) -> dict[str, Any]:
-    returned = [e for e in events if e["event"] in _RETURNED and "phase" not in e and "others_md_steps" in e]
+    returned = [e for e in events
+                if e["event"] in _RETURNED and e.get("phase", "al") == "al" and "others_md_steps" in e]
     overlapped = [e for e in returned if e["others_md_steps"] > 0]
     return {
         "labels": len(returned),

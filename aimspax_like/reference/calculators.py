@@ -100,10 +100,34 @@ def check_reference_setup(spec: dict[str, Any], numbers: set[int]) -> None:
     if kind == "aims":
         _check_aims(spec, numbers)
     if kind == "import":
-        try:
-            _resolve(spec["path"])
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigError("reference.path", f"cannot import {spec['path']!r} ({exc})") from None
+        _check_import(spec)
+
+
+def _check_import(spec: dict[str, Any]) -> None:
+    """The imported object must make an ASE calculator: checked before any folder exists.
+
+    A class is checked without building it; a factory function is called once (as every label
+    will call it), so a factory that returns something else fails here and not in the workers.
+    """
+    try:
+        target = _resolve(spec["path"])
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError("reference.path", f"cannot import {spec['path']!r} ({exc})") from None
+    if isinstance(target, type):
+        if not issubclass(target, BaseCalculator):
+            raise ConfigError("reference.path", f"{spec['path']!r} is the class {target.__name__}, "
+                              "not an ASE calculator class")
+        return
+    if not callable(target):
+        raise ConfigError("reference.path", f"{spec['path']!r} is a {type(target).__name__}, "
+                          "neither an ASE calculator class nor a function returning one")
+    try:
+        _imported_calculator(spec)
+    except SetupError as exc:
+        raise ConfigError("reference.path", str(exc).split(": ", 1)[-1]) from None
+    except Exception as exc:  # a factory of any kind may fail in any way
+        raise ConfigError("reference.path", f"calling {spec['path']!r} failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def _describe(spec: dict[str, Any]) -> str:

@@ -125,10 +125,10 @@ def _require_finite(outcome: LabelOutcome, n_atoms: int) -> LabelOutcome:
     if outcome.stress is not None:
         values.append(outcome.stress)
     if not all(np.isfinite(v).all() for v in values):
-        return LabelFailure(FailureKind.CRASHED, "non-finite energy, forces or stress", outcome.workdir, 0.0)
+        return LabelFailure(FailureKind.INVALID_RESULT, "non-finite energy, forces or stress", outcome.workdir, 0.0)
     if outcome.forces.shape != (n_atoms, 3):
         message = f"forces of shape {outcome.forces.shape} for {n_atoms} atoms"
-        return LabelFailure(FailureKind.CRASHED, message, outcome.workdir, 0.0)
+        return LabelFailure(FailureKind.INVALID_RESULT, message, outcome.workdir, 0.0)
     return outcome
 
 

@@ -27,6 +27,7 @@ class FailureKind(str, Enum):
     SCF_NOT_CONVERGED = "scf_not_converged"
     CRASHED = "crashed"
     TIMED_OUT = "timed_out"
+    INVALID_RESULT = "invalid_result"  # came back, but non-finite or misshapen: never training data
 
 
 def one_line(text: str, limit: int = _MESSAGE_LIMIT) -> str:

@@ -43,10 +43,12 @@ class StridedSampler:
         seed: int,
         on_failure: Callable[[int, Exception], None] | None = None,
         max_failures: int = 20,
+        on_success: Callable[[], None] | None = None,
     ) -> None:
         self.md = md
         self.stride = stride
         self.on_failure = on_failure
+        self.on_success = on_success
         self.max_failures = max_failures
         self.rng = np.random.default_rng(seed)
         self.states: list[MDState] = []
@@ -84,8 +86,12 @@ class StridedSampler:
                 if self.on_failure is not None:
                     self.on_failure(index, exc)
                 if failures >= self.max_failures:
-                    raise
+                    from aimspax_like.errors import LabelsKeepFailing
+
+                    raise LabelsKeepFailing(failures, "MD", f"{type(exc).__name__}: {exc}"[:200]) from None
                 self._rewind(index)
+        if self.on_success is not None:
+            self.on_success()
         self.steps[index] += self.stride
         self.max_temperature[index] = max(self.max_temperature[index], state.temperature())
         frame = atoms.copy()
