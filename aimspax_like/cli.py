@@ -7,18 +7,30 @@ line, ``error: <key or file>: <what>``, and exits with code 2 before anything is
 
 ``resume RUN_DIR`` (or ``run CONFIG --resume``) continues a campaign from its checkpoint. While a
 campaign runs, SIGTERM (what SLURM sends before the walltime kill) or SIGINT saves the state and
-stops at the next loop iteration with exit code 128 + the signal number (143, 130).
+stops within seconds with exit code 128 + the signal number (143, 130).
+
+Exit codes: 0 done; 2 a setup problem (one line naming the key or file; nothing written when it
+could be known before the start, and a run directory in use by another driver is one of them);
+3 stopped mid-run with the state saved (labels keep failing, the disk is full): fix the cause,
+then resume; 130/143 interrupted by a signal, resume to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import importlib.abc
+import importlib.machinery
+import io
 import json
 import os
 import sys
+import types
 import warnings
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aimspax_like.errors import SetupError
 
@@ -72,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
         resume, phases = getattr(args, "resume", False), PHASES_OF[args.command]
     from aimspax_like.analysis.summary import render
     from aimspax_like.campaign import run_campaign
+    from aimspax_like.errors import CampaignInterrupted, CampaignStopped, DiskFull
     from aimspax_like.progress import ProgressLine
-    from aimspax_like.state import CampaignInterrupted, StopFlag
+    from aimspax_like.signals import StopFlag
 
     progress = None if args.quiet else ProgressLine()
     stop = StopFlag().install()
@@ -83,6 +96,15 @@ def _run(args: argparse.Namespace) -> int:
     except CampaignInterrupted as exc:
         print(f"{exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
         return 128 + exc.signum
+    except CampaignStopped as exc:
+        print(f"stopped: {exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        stopped = DiskFull(exc.filename or str(config.output.directory))
+        print(f"stopped: {stopped} (aimspax-like resume {config.output.directory})", file=sys.stderr)
+        return stopped.exit_code
     finally:
         stop.uninstall()
         if progress is not None:
@@ -94,11 +116,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a full disk or an exceeded quota.
+
+    h5py reports it without an errno, in the message only.
+    """
+    while exc is not None:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _init(args: argparse.Namespace) -> int:
+    """Write the commented template, rendered from the config models at run time.
+
+    No template file ships with the package: ``config.template_yaml`` writes every key of the
+    schema with its default and description, so the template cannot fall behind the schema.
+    """
+    from aimspax_like.config import template_yaml
+
+    if args.path.is_dir():
+        raise SetupError(f"{args.path}: is a folder; give the path of the file to write")
     if args.path.exists() and not args.force:
         raise SetupError(f"{args.path}: file exists; pass --force to overwrite")
-    text = resources.files("aimspax_like").joinpath("templates/campaign.yaml").read_text()
-    args.path.write_text(text)
+    try:
+        args.path.write_text(template_yaml())
+    except OSError as exc:
+        raise SetupError(f"{args.path}: cannot be written ({exc.strerror or exc.__class__.__name__})") from None
     print(f"wrote {args.path}")
     return 0
 
@@ -117,8 +162,62 @@ def _default_threads() -> None:
     warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
 
 
+_NOISY_MODULE = "mace.tools.cg"
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs a module's top level with stdout discarded; everything else goes to the real loader."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._inner.exec_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... (inspect, TorchScript)
+        return getattr(self._inner, name)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: finds one module as usual and gives it a ``_QuietLoader``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None  # not a plain source module: the other finders import it as usual
+        spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def _silence_mace_notice() -> None:
+    """Keep mace's import-time cuequivariance notice off the terminal.
+
+    Without the optional cuequivariance package, importing ``mace.tools.cg`` runs a bare
+    ``print("cuequivariance or cuequivariance_torch is not available. ...")``: no warning or log
+    record that a filter could catch. A user of this CLI cannot act on it, and it landed in front
+    of the one line a setup error prints. The hook runs only that module's top level with stdout
+    discarded, and only when some command imports mace (most never do).
+    """
+    if _NOISY_MODULE in sys.modules or any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietImport(_NOISY_MODULE))
+
+
 def main(argv: list[str] | None = None) -> int:
     _default_threads()
+    _silence_mace_notice()
     args = _parser().parse_args(argv)
     try:
         if args.command == "init":

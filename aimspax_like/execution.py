@@ -519,11 +519,37 @@ class _BlockMonitor:
         for block, job_status in sorted(status.items(), key=lambda item: _block_order(item[0])):
             if self._blocks.get(block) != "released" and job_status.state in TERMINAL_STATES:
                 self._blocks[block] = "released"
-                fields = {"state": job_status.state.name, "reason": reason or _release_reason(job_status.state)}
+                state_name = job_status.state.name
+                if job_status.state == JobState.COMPLETED and not reason:
+                    # Without SLURM accounting Parsl reads squeue, where a finished job is simply
+                    # gone, and calls it COMPLETED, a cancelled one (scancel) included: ask
+                    # scontrol, which remembers a job for MinJobAge (300 s by default).
+                    state_name = slurm_job_state(self._jobs.get(block)) or state_name
+                fields = {"state": state_name,
+                          "reason": reason or ("cancelled" if state_name == "CANCELLED"
+                                               else _release_reason(job_status.state))}
                 if job_status.message:
                     fields["message"] = job_status.message
                 self._emit("block_released", block=block, job_id=self._jobs.get(block),
                            active_blocks=self.active_blocks, **fields)
+
+
+def slurm_job_state(job_id: str | None) -> str | None:
+    """SLURM's own final state of a job (CANCELLED, COMPLETED, TIMEOUT, ...), None if unknown."""
+    import shutil
+    import subprocess
+
+    if not job_id or shutil.which("scontrol") is None:
+        return None
+    try:
+        done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for field in done.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1] or None
+    return None
 
 
 def _snapshot(mapping: dict) -> dict:

@@ -13,6 +13,7 @@ heartbeat threshold.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import signal
@@ -40,6 +41,12 @@ def watch_parent(parent: int, poll_s: float = POLL_S, grace_s: float = GRACE_S) 
 
 
 def main() -> None:
+    # A session of its own: Ctrl-C in the terminal, or SIGTERM to the driver's process group
+    # (what SLURM sends), must reach the driver only. Killed with the driver, the interchange
+    # could not answer the driver's shutdown commands, and Parsl waits for that answer forever.
+    # The driver's death still ends it (watch_parent).
+    with contextlib.suppress(OSError):  # already a session leader
+        os.setsid()
     watch_parent(os.getppid())
     runpy.run_module(INTERCHANGE, run_name="__main__", alter_sys=True)
 

@@ -180,7 +180,7 @@ def test_tiny_campaign_labels_run_inside_slurm_jobs(partition: str, tmp_path: Pa
     # Every label that went to the executor reports the SLURM job it ran in, one of the blocks'.
     placed = {Path(e["workdir"]).name: e for e in events if e["event"] == "label_placed"}
     assert all(e["slurm_job_id"] and requested[e["block"]] == e["slurm_job_id"] for e in placed.values())
-    al_done = [e["label"] for e in events if e["event"] == "label_done" and "phase" not in e]
+    al_done = [e["label"] for e in events if e["event"] == "label_done" and e["phase"] == "al"]
     assert al_done and all(f"al_{label:06d}" in placed for label in al_done)
     assert summary["test"]["size"] == 6  # sampled by reference MD in the driver: no test labels to place
     # At the end every block was cancelled and has left the SLURM queue.
@@ -192,3 +192,22 @@ def _wait_gone(job_ids: set[str], timeout: float = 30) -> bool:
     while _queued(job_ids) and time.time() < deadline:
         time.sleep(0.5)
     return not _queued(job_ids)
+
+
+def test_a_scancelled_block_is_logged_as_cancelled(partition: str, tmp_path: Path) -> None:
+    """Without SLURM accounting a finished job just leaves squeue; a scancel must not read as COMPLETED."""
+    events: list[dict[str, Any]] = []
+    cluster = SlurmCluster.model_validate({
+        "provider": {"partition": partition, "walltime": "00:10:00", "init_blocks": 1, "min_blocks": 1,
+                     "max_blocks": 1, "exclusive": False},
+        "executor": {"max_idletime_s": 600, "strategy_period_s": 1},
+    })
+    with SlurmLabelExecutor(cluster, tmp_path, on_event=lambda n, d: events.append({"event": n, **d})) as executor:
+        report = executor.probe().result(timeout=120)
+        subprocess.run(["scancel", str(report["slurm_job_id"])], check=True, timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(e["event"] == "block_released" for e in events):
+            time.sleep(0.5)
+    released = [e for e in events if e["event"] == "block_released" and e["job_id"] == report["slurm_job_id"]]
+    assert released, events
+    assert released[0]["state"] == "CANCELLED" and released[0]["reason"] == "cancelled", released[0]

@@ -37,8 +37,10 @@ from mace.modules import WeightedEnergyForcesLoss
 from torch_ema import ExponentialMovingAverage
 
 from aimspax_like.config import TrainingConfig
+from aimspax_like.errors import CampaignInterrupted
 from aimspax_like.models.ensemble import MACEEnsemble
 from aimspax_like.models.graphs import loader
+from aimspax_like.signals import stop_requested
 
 FrameSplit = tuple[Sequence[Atoms], Sequence[Atoms]]
 
@@ -201,6 +203,28 @@ class EnsembleTrainer:
             })
         return copy.deepcopy({"version": 1, "members": members})
 
+    def weights_match(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` (a ``state_dict``) was saved with the ensemble's current weights.
+
+        A trainer state belongs to the weights it was saved with: its optimiser moments, EMA
+        shadow and validation history describe them. Loading it over other weights (member files
+        written after it) would silently replace those weights and misreport the members.
+        """
+        members = state["members"]
+        if len(members) != len(self._states):
+            return False
+        for model, saved in zip(self.ensemble.members, members, strict=True):
+            current = model.state_dict()
+            if current.keys() != saved["model"].keys():
+                return False
+            for key, tensor in current.items():
+                other = saved["model"][key]
+                if tensor.shape != other.shape or not torch.equal(
+                    tensor.detach().cpu(), other.detach().to(device="cpu", dtype=tensor.dtype)
+                ):
+                    return False
+        return True
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of ``state_dict`` (also loads the member weights into the ensemble)."""
         members = copy.deepcopy(state["members"])  # the caller's dict must stay untouched
@@ -249,6 +273,9 @@ class EnsembleTrainer:
         self._use_raw(k)
         total, count = 0.0, 0
         for batch in loader(graphs, self.cfg.batch_size, shuffle=True, generator=st.generator):
+            signum = stop_requested()
+            if signum:  # an epoch of a large model takes minutes: a signal must not wait for it
+                raise CampaignInterrupted(signum)
             batch = batch.to(self.ensemble.device)
             st.optimizer.zero_grad(set_to_none=True)
             out = model(batch.to_dict(), training=True, compute_force=True)
