@@ -99,9 +99,24 @@ def check_cuda() -> None:
         raise ConfigError("model.device", f"cuda asked for but torch sees no GPU ({build}); use auto or cpu")
 
 
+def _read_json(file: Path, default: dict[str, Any]) -> dict[str, Any]:
+    """A state file of the run directory; a damaged one is a one-line RunDirectoryError."""
+    if not file.exists():
+        return default
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirectoryError(f"{file}: damaged ({type(exc).__name__}); restore it from a backup") from None
+    if not isinstance(data, dict):
+        raise RunDirectoryError(f"{file}: damaged (not a JSON object); restore it from a backup")
+    return data
+
+
 def _read_state(paths: RunPaths) -> dict[str, Any]:
-    file = paths.state / "phases.json"
-    return json.loads(file.read_text()) if file.exists() else {"done": []}
+    state = _read_json(paths.state / "phases.json", {"done": []})
+    if not isinstance(state.get("done"), list):
+        raise RunDirectoryError(f"{paths.state / 'phases.json'}: damaged (no list of finished phases)")
+    return state
 
 
 def _read_phases(paths: RunPaths) -> list[str]:
@@ -123,8 +138,7 @@ def _save_results(paths: RunPaths, results: dict[str, Any]) -> None:
 
 
 def _load_results(paths: RunPaths) -> dict[str, Any]:
-    file = paths.state / "results.json"
-    return json.loads(file.read_text()) if file.exists() else {}
+    return _read_json(paths.state / "results.json", {})
 
 
 def _record_config(paths: RunPaths, config: CampaignConfig) -> None:
@@ -154,6 +168,7 @@ def _resumable(config: CampaignConfig) -> RunPaths | None:
     if not paths.dataset.is_file():  # the store is made before campaign.yaml: it was deleted
         raise RunDirectoryError(f"{paths.dataset}: missing from a started run directory; its labels are gone "
                                 "(restore the file, or start a new run directory)")
+    _read_state(paths), _load_results(paths)  # refuse damaged state files before writing anything
     _record_config(paths, config)  # the safe changes now apply
     return paths
 

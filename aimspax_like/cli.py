@@ -24,6 +24,7 @@ import importlib.abc
 import importlib.machinery
 import io
 import json
+import logging
 import os
 import sys
 import types
@@ -216,6 +217,9 @@ def _silence_mace_notice() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A log handler that cannot write (a full disk under the run directory) must not print a
+    # traceback per message over the one line that says what happened.
+    logging.raiseExceptions = False
     _default_threads()
     _silence_mace_notice()
     args = _parser().parse_args(argv)

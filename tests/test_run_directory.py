@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 from ase.io import write
 from campaign_helpers import tiny_cluster, tiny_config
 
@@ -23,6 +24,13 @@ from aimspax_like.config import config_from_dict
 from aimspax_like.data import DatasetStore
 from aimspax_like.errors import ConfigError, LabelsKeepFailing, RunDirectoryError, SetupError
 from aimspax_like.events import read_events
+
+
+class NeedsLicence(Calculator):
+    """An ASE calculator whose constructor fails, as a licensed code without its licence server does."""
+
+    def __init__(self, **kwargs) -> None:
+        raise RuntimeError("no licence server")
 
 
 def _config(tmp_path: Path, **overrides):
@@ -70,6 +78,7 @@ def test_pyscf_spin_must_fit_the_electrons(tmp_path: Path) -> None:
     ("os:path", "neither an ASE calculator class"),
     ("os:getcwd", "returned str, not an ASE calculator"),
     ("pathlib:Path", "the class Path, not an ASE calculator class"),
+    ("test_run_directory:NeedsLicence", r"calling 'test_run_directory:NeedsLicence' failed \(RuntimeError: no licence"),
 ])
 def test_an_import_that_is_not_a_calculator_is_refused_before_any_file(tmp_path: Path, path: str,
                                                                         message: str) -> None:
@@ -143,6 +152,15 @@ def test_an_edited_campaign_yaml_is_refused_on_resume(after_idg, tmp_path: Path,
 
     assert _resumable(config_from_dict(edited)) is not None  # accepted, and now the record
     assert yaml.safe_load((tmp_path / "run/state/config_record.yaml").read_text())["al"]["max_md_steps"] == 50
+
+
+def test_a_damaged_state_file_is_refused_before_anything_is_written(after_idg, tmp_path: Path) -> None:
+    raw = _copy(after_idg, tmp_path)
+    (tmp_path / "run/state/phases.json").write_bytes(b"\x00\xd7garbage")
+    record = (tmp_path / "run/state/config_record.yaml").stat().st_mtime_ns
+    with pytest.raises(RunDirectoryError, match=r"phases\.json: damaged \(UnicodeDecodeError\)"):
+        run_campaign(config_from_dict(raw), resume=True)
+    assert (tmp_path / "run/state/config_record.yaml").stat().st_mtime_ns == record
 
 
 def test_a_deleted_dataset_is_refused_not_recreated(after_idg, tmp_path: Path) -> None:

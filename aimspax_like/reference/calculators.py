@@ -106,18 +106,17 @@ def check_reference_setup(spec: dict[str, Any], numbers: set[int]) -> None:
 def _check_import(spec: dict[str, Any]) -> None:
     """The imported object must make an ASE calculator: checked before any folder exists.
 
-    A class is checked without building it; a factory function is called once (as every label
-    will call it), so a factory that returns something else fails here and not in the workers.
+    The class or factory is called once with its kwargs (as every label will call it), so a
+    constructor that fails (a missing licence, a wrong keyword) or a factory that returns
+    something else is one line here, not a traceback after the run directory exists.
     """
     try:
         target = _resolve(spec["path"])
     except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError("reference.path", f"cannot import {spec['path']!r} ({exc})") from None
-    if isinstance(target, type):
-        if not issubclass(target, BaseCalculator):
-            raise ConfigError("reference.path", f"{spec['path']!r} is the class {target.__name__}, "
-                              "not an ASE calculator class")
-        return
+    if isinstance(target, type) and not issubclass(target, BaseCalculator):
+        raise ConfigError("reference.path", f"{spec['path']!r} is the class {target.__name__}, "
+                          "not an ASE calculator class")
     if not callable(target):
         raise ConfigError("reference.path", f"{spec['path']!r} is a {type(target).__name__}, "
                           "neither an ASE calculator class nor a function returning one")

@@ -78,8 +78,10 @@ class StridedSampler:
                     step_batch([state], _calculator_forces, _calculator_stresses, None)
                 energy = float(atoms.get_potential_energy())
                 forces = np.array(atoms.get_forces())
-                if not (np.isfinite(energy) and np.isfinite(forces).all()):
-                    raise FloatingPointError("non-finite energy or forces")
+                # Positions too: non-finite forces at an intermediate step move the atoms to NaN
+                # even when the forces of the handed-out frame happen to be finite again.
+                if not (np.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(atoms.positions).all()):
+                    raise FloatingPointError("non-finite energy, forces or positions")
                 break
             except Exception as exc:  # reference MD failures are expected data, not crashes
                 failures += 1
