@@ -206,7 +206,7 @@ class IDGPhase:
                 while self._stored(sampled):  # replayed after a resume: already in the dataset
                     sampled = sampler.next_frame()
             return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, None, None, 0.0), sampled)]
-        return self._label_by_workers(sampler, min(limit, max(1, getattr(self.ctx.executor, "n_workers", 1))))
+        return self._label_by_workers(sampler, min(limit, self.ctx.labeller.n_workers))
 
     def _label_by_workers(
         self, sampler: StridedSampler, batch: int

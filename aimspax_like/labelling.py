@@ -80,18 +80,28 @@ class Labeller:
         self.max_consecutive = max_consecutive
         self.clock = clock or WallClock()
         self.consecutive_failures = 0
-        self.failed_tries = 0
         self.should_stop = should_stop
+
+    @classmethod
+    def for_policy(
+        cls, executor: Any, spec: dict[str, Any], labels_root: Path, events: EventLog, policy: Any, *,
+        faults: dict[str, Any] | None = None, seed: int = 0, clock: WallClock | None = None,
+        should_stop: Callable[[], int] = stop_requested,
+    ) -> Labeller:
+        """A labeller whose retries and stop rule are ``policy`` (an ``al.failures`` section)."""
+        return cls(
+            executor, spec, labels_root, events, faults=faults, seed=seed,
+            crashed_retries=policy.crashed_retries, timed_out_retries=policy.timed_out_retries,
+            max_consecutive=policy.max_consecutive, clock=clock, should_stop=should_stop,
+        )
 
     @classmethod
     def for_campaign(cls, config: Any, executor: Any, labels_root: Path, events: EventLog,
                      clock: WallClock | None = None, should_stop: Callable[[], int] = stop_requested) -> Labeller:
-        policy = config.al.failures
-        return cls(
-            executor, config.reference.model_dump(mode="json"), labels_root, events,
+        return cls.for_policy(
+            executor, config.reference.model_dump(mode="json"), labels_root, events, config.al.failures,
             faults=None if config.faults is None else config.faults.model_dump(mode="json"),
-            seed=config.seed, crashed_retries=policy.crashed_retries, timed_out_retries=policy.timed_out_retries,
-            max_consecutive=policy.max_consecutive, clock=clock, should_stop=should_stop,
+            seed=config.seed, clock=clock, should_stop=should_stop,
         )
 
     @property
@@ -125,7 +135,6 @@ class Labeller:
     def record_failure(self, phase: str, failure: LabelFailure, retry: bool = False, **fields: Any) -> None:
         """A failed try: a ``label_failed`` event, then the stop rule (``LabelsKeepFailing``)."""
         self.clock.add("labelling", failure.wall_s)
-        self.failed_tries += 1
         self.consecutive_failures += 1
         self.events.emit("label_failed", phase=phase, kind=failure.kind.value, message=failure.message,
                          wall_s=failure.wall_s, workdir=failure.workdir, retry=retry, **fields)

@@ -139,23 +139,17 @@ class ALScheduler:
     ) -> None:
         self.config = config
         self.committee = committee
-        self.executor = executor
-        # Every label goes through the campaign's one labelling path (folders, seeds, retries,
-        # events, the stop rule); a scheduler built on its own (tests) gets a labeller of its own.
-        self.labeller = labeller or Labeller(
-            executor, reference_spec, workdir_root, events, faults=faults, seed=seed,
-            crashed_retries=config.failures.crashed_retries, timed_out_retries=config.failures.timed_out_retries,
-            max_consecutive=config.failures.max_consecutive, clock=clock,
-            should_stop=lambda: int(self.should_stop()),
-        )
         self.sink = sink
         self.events = events
-        self.reference_spec = reference_spec
-        self.workdir_root = workdir_root
         self.train_set_size = train_set_size
-        self.faults = faults
         self.clock = clock or WallClock()
         self.seed = seed
+        # Every label goes through the campaign's one labelling path (folders, seeds, retries,
+        # events, the stop rule); a scheduler built on its own (tests) gets a labeller of its own.
+        self.labeller = labeller or Labeller.for_policy(
+            executor, reference_spec, workdir_root, events, config.failures, faults=faults, seed=seed,
+            clock=self.clock, should_stop=lambda: int(self.should_stop()),
+        )
         self.on_progress = on_progress
         self.threshold = MovingAverageThreshold(config.window, config.c_x, config.warmup)
         self.trajectories: list[Trajectory] = []
@@ -404,8 +398,7 @@ class ALScheduler:
                 self._notify("label")
                 return
             trajectory.labels_failed += 1
-            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
-                self._rewind(trajectory)
+            self._rewind_if_waiting_on_it(trajectory)
             self._notify("label")
             return
         self.labeller.record_success(outcome)
@@ -418,8 +411,7 @@ class ALScheduler:
             self.events.emit("label_held", phase="al", label=label_id, trajectory=index, energy=outcome.energy,
                              reason=outlier, others_md_steps=others)
             trajectory.labels_held += 1
-            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
-                self._rewind(trajectory)
+            self._rewind_if_waiting_on_it(trajectory)
             self._notify("label")
             return
         stored = self.sink(frame, outcome, provenance)
@@ -468,8 +460,7 @@ class ALScheduler:
         trajectory = self.trajectories[index]
         if held:
             trajectory.labels_held += 1
-            if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
-                self._rewind(trajectory)
+            self._rewind_if_waiting_on_it(trajectory)
             return
         self._after_stored(trajectory, frame)
 
@@ -491,6 +482,12 @@ class ALScheduler:
             if signum:
                 self._notify("interrupted")
                 raise CampaignInterrupted(signum)
+
+    def _rewind_if_waiting_on_it(self, trajectory: Trajectory) -> None:
+        """A label that will not train (failed, or held by the energy gate): the trajectory that
+        waits for it, or samples on past it ('continue'), goes back to its checkpoint geometry."""
+        if trajectory.status == Status.WAITING or (self.continues and trajectory.status == Status.RUNNING):
+            self._rewind(trajectory)
 
     def _rewind(self, trajectory: Trajectory) -> None:
         """Back to the checkpoint geometry with fresh velocities."""

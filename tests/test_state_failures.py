@@ -18,8 +18,9 @@ def _run(tmp_path, faults, **failures):
                       md=MDConfig(temperature_K=300), failures=failures)
     events = EventLog(tmp_path / "events.jsonl")
     stored = []
+    executor = ThreadLabelExecutor(max_workers=2)
     scheduler = ALScheduler(
-        config, SpreadCommittee(), ThreadLabelExecutor(max_workers=2),
+        config, SpreadCommittee(), executor,
         lambda atoms, result, provenance: stored.append(provenance) or _frame(atoms, result, provenance),
         events, EMT_SPEC, tmp_path / "labels", train_set_size=lambda: len(stored), faults=faults, seed=4,
     )
@@ -27,7 +28,7 @@ def _run(tmp_path, faults, **failures):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
         atoms.rattle(0.05, seed=seed)
         scheduler.add_trajectory(atoms)
-    with scheduler.executor:
+    with executor:
         result = scheduler.run()
     events.close()
     return result, read_events(tmp_path / "events.jsonl")
