@@ -168,7 +168,8 @@ def _resumable(config: CampaignConfig) -> RunPaths | None:
     if not paths.dataset.is_file():  # the store is made before campaign.yaml: it was deleted
         raise RunDirectoryError(f"{paths.dataset}: missing from a started run directory; its labels are gone "
                                 "(restore the file, or start a new run directory)")
-    _read_state(paths), _load_results(paths)  # refuse damaged state files before writing anything
+    _read_state(paths)  # refuse damaged state files before writing anything
+    _load_results(paths)
     _record_config(paths, config)  # the safe changes now apply
     return paths
 
@@ -192,7 +193,7 @@ def _prepare_directory(config: CampaignConfig, phases: Sequence[str], overwrite:
                 )
             for item in content:  # everything but the lock this driver holds
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        for folder in (paths.state, paths.data, paths.models, paths.logs, paths.labels):
+        for folder in paths.folders:
             folder.mkdir(parents=True, exist_ok=True)
         DatasetStore.create(paths.dataset)
         _record_config(paths, config)  # written last: a campaign.yaml means the layout is complete
@@ -238,13 +239,10 @@ def run_campaign(
             root.rmdir()  # refused before anything was written: leave nothing behind
 
 
-def root_of(config: CampaignConfig) -> Path:
-    return Path(config.output.directory)
-
-
 def _only_layout(root: Path) -> bool:
     """Whether the folder holds nothing but (part of) a campaign layout."""
-    names = {"state", "data", "models", "logs", "labels", "campaign.yaml", LOCK_NAME}
+    paths = RunPaths(root)
+    names = {p.name for p in (*paths.folders, paths.config)} | {LOCK_NAME}
     return not root.exists() or all(p.name in names for p in root.iterdir())
 
 
@@ -279,7 +277,8 @@ def _run_locked(
     if paths is None:
         # A layout without campaign.yaml holds no label (the store is made before the config):
         # a resume of it starts it over. Anything else in the folder is not ours to delete.
-        paths = _prepare_directory(config, phases, overwrite or (resume and _only_layout(root_of(config))))
+        layout_only = resume and _only_layout(Path(config.output.directory))
+        paths = _prepare_directory(config, phases, overwrite or layout_only)
         (paths.state / AL_CHECKPOINT).unlink(missing_ok=True)  # an overwritten AL starts afresh
     else:
         if _finished(paths, config):

@@ -63,6 +63,11 @@ class RunPaths:
     def report(self) -> Path:
         return self.root / "report"
 
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders a new run directory is laid out with."""
+        return (self.state, self.data, self.models, self.logs, self.labels)
+
     def member_models(self) -> list[Path]:
         return sorted(self.models.glob("member_*.model"), key=lambda p: int(p.stem.split("_")[1]))
 
