@@ -132,10 +132,10 @@ def _disk_full(exc: BaseException | None) -> bool:
 def _init(args: argparse.Namespace) -> int:
     """Write the commented template, rendered from the config models at run time.
 
-    No template file ships with the package: ``config.template_yaml`` writes every key of the
+    No template file ships with the package: ``config_template.template_yaml`` writes every key of the
     schema with its default and description, so the template cannot fall behind the schema.
     """
-    from aimspax_like.config import template_yaml
+    from aimspax_like.config_template import template_yaml
 
     if args.path.is_dir():
         raise SetupError(f"{args.path}: is a folder; give the path of the file to write")

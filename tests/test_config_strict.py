@@ -26,9 +26,8 @@ from aimspax_like.config import (
     SlurmCluster,
     config_from_dict,
     load_config,
-    template_config,
-    template_yaml,
 )
+from aimspax_like.config_template import template_config, template_yaml
 from aimspax_like.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
