@@ -4,7 +4,6 @@ stop one in the middle of convergence, resume it, check it converges the member 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from campaign_helpers import tiny_config
+from state_helpers import assert_same_state
 
 from aimspax_like.campaign import run_campaign
 from aimspax_like.cli import main
@@ -111,29 +111,6 @@ def stopped_in_convergence(tmp_path_factory, parsl_executor):
     return config, tmp_path / "run"
 
 
-def _same(a, b, where: str = "state") -> None:
-    """Deep equality of state dicts: tensors, arrays, containers, floats (NaN equals NaN)."""
-    import numpy as np
-    import torch
-
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for k, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{k}]")
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), where
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, where
-
-
 def _converge_starts(run: Path) -> list[list[int]]:
     events = read_events(run / "logs/events.jsonl")
     return [e["members"] for e in events if e["event"] == "phase_start" and e["phase"] == "converge"]
@@ -151,7 +128,7 @@ def test_saved_members_come_back_with_the_state_al_left_them_in(stopped_in_conve
     committee = Committee.from_files(config, RunPaths(run).member_models(), frames)
     assert all(m is not None for m in committee.trainer.last_metrics)  # the validation history is back
     assert [committee.best_member()] == chosen
-    _same(committee.trainer.state_dict(), al_end["al"]["committee"]["trainer"], "trainer")
+    assert_same_state(committee.trainer.state_dict(), al_end["al"]["committee"]["trainer"], "trainer")
     assert committee.valid_force_mae() == pytest.approx(
         sum(m["valid_force_mae"] for m in al_end["al"]["committee"]["last_metrics"]) / committee.n_members)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from state_helpers import assert_same_state
 
 from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.config import ALConfig, MDConfig
@@ -347,22 +348,6 @@ class ScriptedExecutor:
         return future
 
 
-def _assert_same(a, b, where="state"):
-    """Deep equality of checkpoint payloads (dicts, lists, NumPy arrays, scalars)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple) and len(a) == len(b), where
-        for k, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{k}]")
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    else:
-        assert a == b, where
-
-
 def _interrupted_scheduler(tmp_path, config):
     """A scheduler stopped (as by SIGTERM) after 40 loop iterations, and its checkpoint file."""
     calls = iter(range(10**6))
@@ -409,7 +394,7 @@ def test_checkpoint_round_trip_restores_the_scheduler(tmp_path):
     restored, executor = _fresh_scheduler(tmp_path, config)
     counts = restored.load_state_dict(saved, lambda provenance: None)
     assert counts == {"adopted": 0, "resubmitted": len(in_flight)}
-    _assert_same(saved, restored.state_dict())  # the whole payload, committee included
+    assert_same_state(saved, restored.state_dict())  # the whole payload, committee included
     for before, after in zip(original.trajectories, restored.trajectories, strict=True):
         assert (after.md.step, after.status, after.labels_done) == (before.md.step, before.status, before.labels_done)
         np.testing.assert_array_equal(after.md.atoms.get_positions(), before.md.atoms.get_positions())
