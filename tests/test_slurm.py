@@ -193,3 +193,22 @@ def _wait_gone(job_ids: set[str], timeout: float = 30) -> bool:
         time.sleep(0.5)
     return not _queued(job_ids)
 
+
+
+def test_slurm_job_state_tells_a_cancelled_job_from_a_completed_one(partition: str, tmp_path: Path) -> None:
+    """Without accounting Parsl calls every job that left squeue COMPLETED; scontrol still knows."""
+    from aimspax_like.execution import slurm_job_state
+
+    def submit(command: str) -> str:
+        out = subprocess.run(["sbatch", "--parsable", "-p", partition, "-o", str(tmp_path / "%j.out"),
+                              "--wrap", command], capture_output=True, text=True, check=True, timeout=30)
+        return out.stdout.strip().split(";")[0]
+
+    cancelled, completed = submit("sleep 300"), submit("true")
+    subprocess.run(["scancel", cancelled], check=True, timeout=30)
+    deadline = time.time() + 60
+    while time.time() < deadline and _queued({cancelled, completed}):
+        time.sleep(0.5)
+    assert slurm_job_state(cancelled) == "CANCELLED"
+    assert slurm_job_state(completed) == "COMPLETED"
+    assert slurm_job_state(None) is None
