@@ -38,3 +38,21 @@ def parsl_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ParslLa
         for future in warm_up:
             future.result(timeout=60)
         yield executor
+
+
+@pytest.fixture(scope="session")
+def finished_campaign(tmp_path_factory: pytest.TempPathFactory, parsl_executor: ParslLabelExecutor):
+    """The tiny campaign of ``campaign_helpers`` run once to the end: (run directory, summary).
+
+    Shared by every test that reads a finished run (campaign checks, status, report, validate):
+    treat it as read-only.
+    """
+    from campaign_helpers import tiny_config
+
+    from aimspax_like.campaign import run_campaign
+    from aimspax_like.config import config_from_dict
+
+    tmp_path = tmp_path_factory.mktemp("campaign")
+    config = config_from_dict(tiny_config(tmp_path))
+    summary = run_campaign(config, executor=parsl_executor)
+    return tmp_path / "run", summary

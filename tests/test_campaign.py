@@ -18,14 +18,6 @@ from aimspax_like.data import DatasetStore
 from aimspax_like.events import read_events
 
 
-@pytest.fixture(scope="module")
-def finished_campaign(tmp_path_factory, parsl_executor):
-    tmp_path = tmp_path_factory.mktemp("campaign")
-    config = config_from_dict(tiny_config(tmp_path))
-    summary = run_campaign(config, executor=parsl_executor)
-    return tmp_path / "run", summary
-
-
 def test_campaign_writes_the_run_directory(finished_campaign):
     run, summary = finished_campaign
     for path in ("campaign.yaml", "data/dataset.h5", "data/train.xyz", "data/valid.xyz", "data/test.xyz",
