@@ -55,6 +55,8 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
 
     def sink(atoms: Atoms, result: LabelResult, provenance: dict[str, Any]) -> LabelledFrame:
         provenance = dict(provenance)
+        if provenance["origin"] == "analysis":  # ground truth for the report, never for training
+            return ctx.store_label(atoms, result, "analysis", **provenance)
         held, release = provenance.pop("held", False), provenance.pop("release", False)
         if release:
             return ctx.release_label("al", provenance["trajectory"], provenance["md_step"], splits.next())
@@ -83,8 +85,10 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
         stored_splits = {(f.trajectory, f.md_step): f.split for f in al_frames}
+        forces = {(f.origin, f.trajectory, f.md_step): f.forces for f in stored if f.origin in ("al", "analysis")}
         counts = scheduler.load_state_dict(
-            state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"]))
+            state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"])),
+            stored_forces=lambda origin, trajectory, step: forces.get((origin, trajectory, step)),
         )
         ctx.events.emit("phase_resume", phase="al", checkpoint_event=state.get("event"), **counts)
     else:
@@ -93,4 +97,5 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     result = scheduler.run()
     committee.save(ctx.paths.models)
     ctx.events.emit("phase_end", phase="al", reason=result.reason)
-    return {**result.__dict__, "threshold": scheduler.threshold.value, "held": len(scheduler.held)}
+    return {**result.__dict__, "threshold": scheduler.threshold.value, "held": len(scheduler.held),
+            "analysis_points": 0 if scheduler.analysis is None else scheduler.analysis.points}

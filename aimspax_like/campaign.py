@@ -387,7 +387,7 @@ def _run_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, A
 
 
 def _export(ctx: RunContext) -> None:
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "test", "analysis"):
         frames = ctx.store.frames(split=split)
         if frames:
             export_extxyz(frames, ctx.paths.data / f"{split}.xyz")

@@ -419,6 +419,12 @@ class ALConfig(_Strict):
         "continue: it samples on while its labels run and training rounds interleave with sampling.",
     )
     labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
+    analysis_every: int | None = Field(
+        None, ge=1, description="Ground-truth analysis points: label every trajectory's frame at each "
+        "analysis_every-th MD step whatever its uncertainty, stored with origin 'analysis', never trained "
+        "on, to record the true max-atom force error next to Eq. 1's uncertainty (the report's "
+        "uncertainty-error figures); costs one extra reference call per point. null: none.",
+    )
     failures: LabelFailurePolicy = Field(default_factory=LabelFailurePolicy)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     md: MDConfig | list[MDConfig] = Field(

@@ -40,7 +40,7 @@ from aimspax_like.reference.results import (
 from aimspax_like.signals import stop_requested
 
 # Seeds of different phases never collide (label numbers restart per phase).
-_SEED_OFFSET = {"al": 0, "idg": 500_000, "test": 900_000}
+_SEED_OFFSET = {"al": 0, "idg": 500_000, "analysis": 700_000, "test": 900_000}
 
 
 def outcome_of(future: Future) -> LabelOutcome:

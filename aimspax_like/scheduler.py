@@ -49,11 +49,13 @@ from aimspax_like.config import ALConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import CampaignInterrupted, SetupError
 from aimspax_like.events import EventLog, WallClock
+from aimspax_like.ground_truth import AnalysisPoints, Probe
 from aimspax_like.guards import FiniteGuard, Guard, first_failure
 from aimspax_like.label_gate import EnergyGate
 from aimspax_like.labelling import Labeller, outcome_of
 from aimspax_like.reference.results import LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
+from aimspax_like.structures import atoms_from_arrays, atoms_to_arrays
 from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
 
 
@@ -153,7 +155,8 @@ class ALScheduler:
         self.on_progress = on_progress
         self.threshold = MovingAverageThreshold(config.window, config.c_x, config.warmup)
         self.trajectories: list[Trajectory] = []
-        self._finished: queue.Queue[tuple[int, int, Future]] = queue.Queue()
+        # Finished labels: ("al", trajectory, label id, future) or ("analysis", -1, label id, future).
+        self._finished: queue.Queue[tuple[str, int, int, Future]] = queue.Queue()
         self._in_flight: dict[int, tuple[int, Atoms, dict[str, Any]]] = {}
         self._withholding = False  # a label was held back because the training set is (nearly) full
         self._next_label = 0
@@ -169,6 +172,14 @@ class ALScheduler:
         self.trust_factor = trust_factor  # DP-GEN's upper trust bound, as a multiple of the threshold
         self.held: list[tuple[Atoms, LabelOutcome, dict[str, Any]]] = []  # stored, not trained on
         self._steps_at_launch: dict[int, tuple[int, int]] = {}  # label id -> (all steps, own steps)
+        # Ground-truth analysis points (al.analysis_every): labelled whatever their uncertainty.
+        self.analysis = None if config.analysis_every is None else AnalysisPoints(
+            config.analysis_every, self.labeller, sink, events,
+            on_submitted=lambda lid, f: f.add_done_callback(
+                lambda done, lid=lid: self._finished.put(("analysis", -1, lid, done))),
+        )
+        self._probes: dict[int, tuple[Atoms, Probe]] = {}  # trajectory -> this step's analysis frame
+        self._rejected: set[int] = set()  # trajectories whose frame the energy gate refused this step
 
     def _notify(self, event: str) -> None:
         for observer in self.observers:
@@ -265,8 +276,30 @@ class ALScheduler:
                 self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step, reason=reason)
                 self._rewind(trajectory)
         checked = [t for t in running if t not in unstable and t.md.step % self.config.check_every == 0]
+        self._capture_probes([t for t in running if t not in unstable])
         if checked:
             self._check_uncertainty(checked)
+        self._submit_probes()
+
+    def _capture_probes(self, stable: list[Trajectory]) -> None:
+        """This step's analysis frames, with the committee's forces, before anything rewinds."""
+        self._probes, self._rejected = {}, set()
+        if self.analysis is None:
+            return
+        for trajectory in stable:
+            if self.analysis.due(trajectory.md.step):
+                frame = trajectory.md.atoms.copy()
+                frame.calc = None
+                probe = Probe.of(trajectory.index, trajectory.md.step, trajectory.md.member_forces,
+                                 self.threshold.value, self.train_set_size())
+                self._probes[trajectory.index] = (frame, probe)
+
+    def _submit_probes(self) -> None:
+        """Analysis frames no AL label took along go to the reference on their own."""
+        for index, (frame, probe) in self._probes.items():
+            if index not in self._rejected:
+                self.analysis.submit(frame, probe)
+        self._probes = {}
 
     def _check_uncertainty(self, checked: list[Trajectory]) -> None:
         threshold = self.threshold.value
@@ -291,6 +324,7 @@ class ALScheduler:
                     # the energy gate would hold its label anyway, so the reference is not asked.
                     self.events.emit("md_unstable", trajectory=trajectory.index, step=trajectory.md.step,
                                      reason=reason)
+                    self._rejected.add(trajectory.index)
                     self._rewind(trajectory)
                     continue
                 self._submit(trajectory, delta, threshold)
@@ -344,11 +378,15 @@ class ALScheduler:
         )
         if not self.continues:
             self._set_status(trajectory, Status.WAITING)
+        probe = self._probes.pop(trajectory.index, None)
+        if probe is not None:  # this frame is also the step's analysis point: one label answers both
+            self.analysis.ride(label_id, probe[1])
         self.launch(label_id, trajectory.index, frame, provenance)
         self._notify("submitted")
         if self.config.mode == "serial":
             with self.clock.measure("waiting"):
-                self._take_finished(block=True)
+                while label_id in self._in_flight and not self.should_stop():
+                    self._take_finished(block=True)
 
     def launch(self, label_id: int, index: int, frame: Atoms, provenance: dict[str, Any]) -> None:
         """Send one frame to the reference (also on a retry, and on resume for labels in flight)."""
@@ -357,7 +395,7 @@ class ALScheduler:
         self.trajectories[index].labels_in_flight += 1
         self._steps_at_launch[label_id] = (self._total_steps(), self.trajectories[index].md.step)
         future = self.labeller.submit("al", label_id, frame, attempt, announce=False)
-        future.add_done_callback(lambda f, i=index, lid=label_id: self._finished.put((i, lid, f)))
+        future.add_done_callback(lambda f, i=index, lid=label_id: self._finished.put(("al", i, lid, f)))
 
     # ------------------------------------------------------------------ labels back
 
@@ -380,7 +418,11 @@ class ALScheduler:
             except queue.Empty:
                 return
 
-    def _handle(self, index: int, label_id: int, future: Future) -> None:
+    def _handle(self, kind: str, index: int, label_id: int, future: Future) -> None:
+        if kind == "analysis":
+            self.analysis.handle(label_id, future)
+            self._notify("label")
+            return
         trajectory = self.trajectories[index]
         _, frame, provenance = self._in_flight.pop(label_id)
         outcome = outcome_of(future)
@@ -398,10 +440,14 @@ class ALScheduler:
                 self._notify("label")
                 return
             trajectory.labels_failed += 1
+            if self.analysis is not None:
+                self.analysis.al_label_dropped(label_id)
             self._rewind_if_waiting_on_it(trajectory)
             self._notify("label")
             return
         self.labeller.record_success(outcome)
+        if self.analysis is not None:
+            self.analysis.al_label_stored(label_id, outcome.forces)
         outlier = self.energy_gate.outlier(frame.numbers, outcome.energy) if self.energy_gate else None
         if outlier:
             # Paid for, so stored; but far above every energy seen so far: kept out of training
@@ -475,7 +521,7 @@ class ALScheduler:
 
     def _drain_in_flight(self) -> None:
         """At the stop, wait for labels still running and keep them: they cost reference time."""
-        while self._in_flight:
+        while self._in_flight or (self.analysis is not None and self.analysis.in_flight):
             with self.clock.measure("waiting"):
                 self._take_finished(block=True)
             signum = int(self.should_stop())
@@ -536,14 +582,15 @@ class ALScheduler:
         for t in self.trajectories:
             md = t.md
             trajectories.append({
-                "index": t.index, "atoms": _atoms_dict(md.atoms), "momenta": md.atoms.get_momenta(),
+                "index": t.index, "atoms": atoms_to_arrays(md.atoms), "momenta": md.atoms.get_momenta(),
                 "step": md.step, "chain": None if md.chain is None else md.chain.copy(),
-                "rng": md.rng.bit_generator.state, "status": t.status.value, "checkpoint": _atoms_dict(t.checkpoint),
+                "rng": md.rng.bit_generator.state, "status": t.status.value,
+                "checkpoint": atoms_to_arrays(t.checkpoint),
                 "epochs_for_point": t.epochs_for_point, "labels_done": t.labels_done,
                 "labels_failed": t.labels_failed, "labels_held": t.labels_held,
             })
         in_flight = [
-            {"label": label_id, "trajectory": index, "frame": _atoms_dict(frame), "provenance": dict(provenance)}
+            {"label": label_id, "trajectory": index, "frame": atoms_to_arrays(frame), "provenance": dict(provenance)}
             for label_id, (index, frame, provenance) in sorted(self._in_flight.items())
         ]
         committee_state = getattr(self.committee, "state_dict", None)
@@ -552,16 +599,20 @@ class ALScheduler:
             "next_label": self._next_label, "training_rounds": self.training_rounds,
             "training_debt": self.training_debt, "attempts": dict(self.attempts),
             "committee": committee_state() if committee_state is not None else None,
+            "analysis": None if self.analysis is None else self.analysis.state_dict(),
         }
 
     def load_state_dict(
-        self, state: dict[str, Any], is_stored: Callable[[dict[str, Any]], str | None]
+        self, state: dict[str, Any], is_stored: Callable[[dict[str, Any]], str | None],
+        stored_forces: Callable[[str, int, int], np.ndarray | None] | None = None,
     ) -> dict[str, int]:
         """Put a ``state_dict`` back into a scheduler whose trajectories were added as for a fresh run.
 
         Labels that were in flight are adopted when ``is_stored(provenance)`` says the dataset has
         them (it returns the stored split; a label stored as 'held' is adopted as held) and
         submitted again otherwise. Returns how many of each ({"adopted", "resubmitted"}).
+        Analysis labels (``al.analysis_every``) are put back the same way, answered from
+        ``stored_forces(origin, trajectory, md_step)`` where the dataset has them.
         """
         if len(state["trajectories"]) != len(self.trajectories):
             raise SetupError(f"checkpoint has {len(state['trajectories'])} trajectories, "
@@ -579,7 +630,7 @@ class ALScheduler:
             md.rng.bit_generator.state = saved["rng"]
             md.invalidate_forces()
             t.status = Status(saved["status"])
-            t.checkpoint = _atoms_from(saved["checkpoint"])
+            t.checkpoint = atoms_from_arrays(saved["checkpoint"])
             t.epochs_for_point, t.labels_done = saved["epochs_for_point"], saved["labels_done"]
             t.labels_failed = saved["labels_failed"]
             t.labels_held = saved.get("labels_held", 0)
@@ -590,7 +641,7 @@ class ALScheduler:
         self.attempts = dict(state.get("attempts", {}))
         counts = {"adopted": 0, "resubmitted": 0}
         for label in state["in_flight"]:
-            frame = _atoms_from(label["frame"])
+            frame = atoms_from_arrays(label["frame"])
             stored = is_stored(label["provenance"])
             if stored:
                 self.adopt(label["label"], label["trajectory"], frame, held=stored == "held")
@@ -598,6 +649,10 @@ class ALScheduler:
             else:
                 self.launch(label["label"], label["trajectory"], frame, label["provenance"])
                 counts["resubmitted"] += 1
+        if self.analysis is not None and state.get("analysis"):
+            found = stored_forces or (lambda origin, trajectory, step: None)
+            extra = self.analysis.load_state_dict(state["analysis"], found)
+            counts["analysis_adopted"], counts["analysis_resubmitted"] = extra["adopted"], extra["resubmitted"]
         return counts
 
     # ------------------------------------------------------------------ progress
@@ -608,7 +663,7 @@ class ALScheduler:
             "phase": "al",
             "steps": sum(t.md.step for t in self.trajectories),
             "train": self.train_set_size(),
-            "in_flight": len(self._in_flight),
+            "in_flight": len(self._in_flight) + (len(self.analysis.in_flight) if self.analysis else 0),
             "threshold": self.threshold.value,
             "valid_mae": self.committee.valid_force_mae(),
             **by_status,
@@ -618,12 +673,3 @@ class ALScheduler:
         if self.on_progress is not None:
             self.on_progress(self.progress())
 
-
-def _atoms_dict(atoms: Atoms) -> dict[str, Any]:
-    """The geometry of ``atoms`` as plain arrays (no calculator, no ASE pickle in checkpoints)."""
-    return {"numbers": atoms.numbers.copy(), "positions": atoms.get_positions(), "cell": atoms.cell.array.copy(),
-            "pbc": atoms.pbc.copy()}
-
-
-def _atoms_from(data: dict[str, Any]) -> Atoms:
-    return Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"], pbc=data["pbc"])

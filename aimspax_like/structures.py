@@ -13,6 +13,16 @@ from ase.io import read, write
 from aimspax_like.errors import ConfigError
 
 
+def atoms_to_arrays(atoms: Atoms) -> dict[str, Any]:
+    """The geometry of ``atoms`` as plain arrays (checkpoints hold no calculator and no ASE pickle)."""
+    return {"numbers": atoms.numbers.copy(), "positions": atoms.get_positions(), "cell": atoms.cell.array.copy(),
+            "pbc": atoms.pbc.copy()}
+
+
+def atoms_from_arrays(data: dict[str, Any]) -> Atoms:
+    return Atoms(numbers=data["numbers"], positions=data["positions"], cell=data["cell"], pbc=data["pbc"])
+
+
 def read_structures(paths: list[Path], index: str = ":") -> list[Atoms]:
     """Every frame of every file (folders: every file inside, sorted by name)."""
     files: list[Path] = []

@@ -53,6 +53,7 @@ def finished_campaign(tmp_path_factory: pytest.TempPathFactory, parsl_executor: 
     from aimspax_like.config import config_from_dict
 
     tmp_path = tmp_path_factory.mktemp("campaign")
-    config = config_from_dict(tiny_config(tmp_path))
+    # With ground-truth analysis points, so the report has true errors to show.
+    config = config_from_dict(tiny_config(tmp_path, al={"analysis_every": 4}))
     summary = run_campaign(config, executor=parsl_executor)
     return tmp_path / "run", summary

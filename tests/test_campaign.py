@@ -105,3 +105,18 @@ def test_idg_stop_criteria(tmp_path, parsl_executor, idg, reason):
         assert len(store) == 8
     else:
         assert end["epochs"] == 6 and len(store) < 100
+
+
+def test_analysis_points_are_stored_apart_and_match_their_events(finished_campaign):
+    run, summary = finished_campaign
+    store = DatasetStore.open(run / "data/dataset.h5")
+    analysis = store.frames(origin="analysis")
+    assert analysis and {f.split for f in analysis} == {"analysis"}
+    assert all(f.md_step % 4 == 0 for f in analysis)
+    points = [e for e in read_events(run / "logs/events.jsonl") if e["event"] == "analysis_point"]
+    own = {(p["trajectory"], p["step"]) for p in points if p["source"] == "analysis"}
+    assert own == {(f.trajectory, f.md_step) for f in analysis}
+    assert all(p["true_error"] > 0 and p["delta"] > 0 for p in points)
+    assert summary["al"]["analysis_points"] == len(points)
+    assert len(read(run / "data/analysis.xyz", ":")) == len(analysis)
+    assert store.counts()["split"]["train"] == summary["splits"]["train"]  # analysis frames never train

@@ -129,7 +129,7 @@ def test_filters_and_counts(tmp_path, rng):
     assert store.frames(split="valid", origin="al") == []
     assert store.counts() == {
         "total": 5,
-        "split": {"train": 3, "valid": 1, "test": 1, "held": 0},
+        "split": {"train": 3, "valid": 1, "test": 1, "held": 0, "analysis": 0},
         "origin": {"idg": 3, "al": 1, "test": 1, "analysis": 0},
     }
     atoms = store.atoms(split="test")

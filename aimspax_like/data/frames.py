@@ -21,7 +21,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 # "held": a label stored but kept out of training (see ``label_gate``) until the data reach it.
-SPLITS = ("train", "valid", "test", "held")
+SPLITS = ("train", "valid", "test", "held", "analysis")
 ORIGINS = ("idg", "al", "test", "analysis")
 
 # Provenance written into ``atoms.info`` by ``to_atoms``; the store and extxyz share this list.
