@@ -120,3 +120,8 @@ def test_analysis_points_are_stored_apart_and_match_their_events(finished_campai
     assert summary["al"]["analysis_points"] == len(points)
     assert len(read(run / "data/analysis.xyz", ":")) == len(analysis)
     assert store.counts()["split"]["train"] == summary["splits"]["train"]  # analysis frames never train
+    deltas = [p["delta"] for p in points]
+    errors = [p["true_error"] for p in points]
+    assert summary["analysis"]["points"] == len(points)
+    assert summary["analysis"]["pearson_r"] == pytest.approx(np.corrcoef(deltas, errors)[0, 1])
+    assert f"analysis   {len(points)} ground-truth points" in (run / "report/summary.md").read_text()

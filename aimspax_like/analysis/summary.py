@@ -10,14 +10,16 @@ label CPU time on the workers.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from aimspax_like.analysis.strict_json import dumps_strict
 from aimspax_like.analysis.timeline import label_overlap
-from aimspax_like.context import RunContext
 from aimspax_like.events import read_events
+
+if TYPE_CHECKING:  # the report renders summaries without loading the dataset stack (h5py, ASE)
+    from aimspax_like.context import RunContext
 
 
 def _earlier_segments(events: list[dict[str, Any]]) -> tuple[float, Counter[str]]:
@@ -64,6 +66,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
         "guards": guard_counts(events),
         "warnings": [e["message"] for e in events if e["event"] == "warning"],
         "overlap": label_overlap(events),
+        "analysis": analysis_summary(events),
         "valid_force_mae": results.get("final_valid"),
         "best_member": results.get("converge", {}).get("best_member"),
         "test": results.get("test"),
@@ -85,7 +88,8 @@ def render(summary: dict[str, Any]) -> str:
     lines = [
         f"campaign   {summary['directory']}",
         f"labels     {labels['total']} total: idg {labels['idg']}, al {labels['al']}, test {labels['test']}"
-        f" (train {summary['splits']['train']}, valid {summary['splits']['valid']}); failed: {failed}",
+        + (f", analysis {labels['analysis']}" if labels.get("analysis") else "")
+        + f" (train {summary['splits']['train']}, valid {summary['splits']['valid']}); failed: {failed}",
         f"md steps   idg {summary['md_steps']['idg']}, al {summary['md_steps']['al']}",
     ]
     idg = summary.get("idg")
@@ -108,6 +112,12 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"guards     {sum(guards['md_unstable'].values())} frames failed a guard ({reasons}); "
                      f"{guards['held']} labels held (energy outliers, {guards['released']} released); "
                      f"{guards['trust_exceeded']} beyond the trust bound")
+    analysis = summary.get("analysis")
+    if analysis and analysis["points"]:
+        r = analysis["pearson_r"]
+        lines.append(f"analysis   {analysis['points']} ground-truth points: true max-atom force error "
+                     f"{analysis['mean_true_error'] * 1000:.0f} meV/A on average, uncertainty-error Pearson r "
+                     + ("n/a" if r is None else f"{r:.2f}"))
     if summary.get("valid_force_mae"):
         maes = "  ".join(f"m{k}: {v * 1000:.1f}" for k, v in enumerate(summary["valid_force_mae"]))
         best = summary.get("best_member")
@@ -122,6 +132,18 @@ def render(summary: dict[str, Any]) -> str:
         f"label time on workers {wall['labelling_worker_s']:.1f} s"
     )
     return "\n".join(lines)
+
+
+def analysis_summary(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ground-truth analysis points (``al.analysis_every``): how many, mean error, Pearson r."""
+    from aimspax_like.analysis.correlation import pearson_r
+    from aimspax_like.analysis.series import analysis_points
+
+    points = analysis_points(events)
+    if not len(points):
+        return None
+    return {"points": len(points), "mean_true_error": float(points.true_error.mean()),
+            "mean_uncertainty": float(points.delta.mean()), "pearson_r": pearson_r(points.delta, points.true_error)}
 
 
 def guard_counts(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -176,6 +198,12 @@ def _test_errors(group: dict[str, Any]) -> str:
 
 
 def write_summary(report_dir: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` (strict JSON) and ``summary.md``.
+
+    Strict: an infinite number (the threshold of an AL phase stopped in its warm-up) is written
+    as the string ``"inf"`` (``"-inf"``), NaN as ``null``, as in the event log; a plain
+    ``json.dumps`` would write ``Infinity``, which JavaScript, jq and most parsers reject.
+    """
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (report_dir / "summary.json").write_text(dumps_strict(summary))
     (report_dir / "summary.md").write_text("# Campaign summary\n\n```\n" + render(summary) + "\n```\n")
