@@ -216,6 +216,7 @@ def run_campaign(
     executor: Any = None,
     resume: bool = False,
     should_stop: Callable[[], int] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the given consecutive phases; returns the summary (also written to report/).
 
@@ -225,6 +226,8 @@ def run_campaign(
     one returns ``{"already_finished": True, ...}`` at once. ``should_stop`` returns a signal
     number once the campaign should save and stop (``CampaignInterrupted`` is raised).
     The run directory's lock (``run_lock``) is held from before anything is written until the end.
+    ``on_event`` is called with every event record as it is logged (an ``EventLog`` listener:
+    the live status display); ``on_progress`` gets the phases' progress dicts.
     """
     structures = check_inputs(config)
     root = Path(config.output.directory)
@@ -232,7 +235,8 @@ def run_campaign(
     lock = RunLock(root)
     try:
         lock.acquire()
-        return _run_locked(config, structures, phases, overwrite, on_progress, executor, resume, should_stop)
+        return _run_locked(config, structures, phases, overwrite, on_progress, executor, resume, should_stop,
+                           on_event)
     finally:
         lock.release()
         if created and root.is_dir() and not any(root.iterdir()):
@@ -268,6 +272,7 @@ def _run_locked(
     executor: Any,
     resume: bool,
     should_stop: Callable[[], int] | None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     from aimspax_like.analysis.summary import build_summary, write_summary
     from aimspax_like.execution import make_label_executor
@@ -286,7 +291,7 @@ def _run_locked(
         results = _load_results(paths)
         phases = [p for p in phases if p not in _read_phases(paths)]
     store = DatasetStore.open(paths.dataset)
-    events = EventLog(paths.events)
+    events = EventLog(paths.events, listeners=[on_event] if on_event is not None else [])
     owned = executor is None
     if owned:
         executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
@@ -323,6 +328,7 @@ def _run_locked(
                 ]
         summary = build_summary(ctx, results)
         write_summary(paths.report, summary)
+        _write_report(ctx)
         return summary
     finally:
         # Whatever stopped the campaign is what the user must see: a failed export (the store
@@ -336,6 +342,26 @@ def _run_locked(
             events.emit("campaign_end", wall_s=ctx.clock.elapsed, seconds=dict(ctx.clock.seconds))
         finally:
             events.close()
+
+
+def _write_report(ctx: RunContext) -> None:
+    """The figures and ``report/index.html`` of a finished campaign (about a second or two).
+
+    A convenience on top of results that are already saved: whatever goes wrong while plotting
+    is logged as ``report_failed`` and printed as one line, never raised over a finished campaign
+    (``aimspax-like report RUN`` writes it again later).
+    """
+    import sys
+
+    try:
+        from aimspax_like.analysis.report import write_report
+
+        write_report(ctx.paths.root)
+    except Exception as exc:  # any plotting or file error: the campaign itself succeeded
+        message = f"{type(exc).__name__}: {exc}"[:300]
+        ctx.events.emit("report_failed", error=message)
+        print(f"warning: report not written ({message}); retry with: aimspax-like report {ctx.paths.root}",
+              file=sys.stderr)
 
 
 def _enabled(config: CampaignConfig, phase: str) -> bool:

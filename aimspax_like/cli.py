@@ -5,6 +5,15 @@
 commented template, ``schema`` prints the config's JSON schema. Every setup problem prints one
 line, ``error: <key or file>: <what>``, and exits with code 2 before anything is written.
 
+``status RUN_DIR [--json]`` shows where a running or finished campaign stands (the picture the
+driver draws live on stderr while it runs; ``--quiet`` turns that off). ``report RUN_DIR`` writes
+the run's figures, ``report/summary.md`` and one self-contained ``report/index.html`` (also done
+at the end of every campaign); it prints the paths it wrote.
+
+``validate RUN_DIR`` measures a model's test errors, MD stability and RDF into
+``report/validation.json``; ``testset CONFIG_OR_RUN --output FILE.xyz`` makes a held-out test
+set (both in ``aimspax_like.validation``).
+
 ``resume RUN_DIR`` (or ``run CONFIG --resume``) continues a campaign from its checkpoint. While a
 campaign runs, SIGTERM (what SLURM sends before the walltime kill) or SIGINT saves the state and
 stops within seconds with exit code 128 + the signal number (143, 130).
@@ -51,17 +60,26 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", type=Path, help="campaign YAML")
         cmd.add_argument("--overwrite", action="store_true", help="start the phase(s) over if already run")
         cmd.add_argument("--output", type=Path, help="run directory (overrides output.directory)")
-        cmd.add_argument("--quiet", action="store_true", help="no progress line")
+        cmd.add_argument("--quiet", action="store_true", help="no live status display")
         if name == "run":
             cmd.add_argument("--resume", action="store_true",
                              help="continue the run directory from its checkpoint (start it if missing)")
     resume = sub.add_parser("resume", help="continue a run directory from its checkpoint")
     resume.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
-    resume.add_argument("--quiet", action="store_true", help="no progress line")
+    resume.add_argument("--quiet", action="store_true", help="no live status display")
     init = sub.add_parser("init", help="write a commented campaign template")
     init.add_argument("path", type=Path, nargs="?", default=Path("campaign.yaml"))
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("schema", help="print the JSON schema of the campaign YAML")
+    status = sub.add_parser("status", help="where a running or finished campaign stands")
+    status.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
+    status.add_argument("--json", action="store_true", help="print the status as strict JSON")
+    status.add_argument("--line", action="store_true", help="print the status as one plain line")
+    report = sub.add_parser("report", help="write report/ of a run: figures, summary.md and index.html")
+    report.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
+    from aimspax_like.validation.commands import add_parsers as add_validation_parsers
+
+    add_validation_parsers(sub)  # validate, testset
     return parser
 
 
@@ -86,14 +104,18 @@ def _run(args: argparse.Namespace) -> int:
     from aimspax_like.analysis.summary import render
     from aimspax_like.campaign import run_campaign
     from aimspax_like.errors import CampaignInterrupted, CampaignStopped, DiskFull
-    from aimspax_like.progress import ProgressLine
+    from aimspax_like.live import LiveStatus
     from aimspax_like.signals import StopFlag
 
-    progress = None if args.quiet else ProgressLine()
+    live = None if args.quiet else LiveStatus(config=config.model_dump(mode="json"))
     stop = StopFlag().install()
     try:
-        summary = run_campaign(config, phases, overwrite=args.overwrite, on_progress=progress, resume=resume,
-                               should_stop=lambda: stop.signum)
+        try:
+            summary = run_campaign(config, phases, overwrite=args.overwrite, on_progress=live, resume=resume,
+                                   should_stop=lambda: stop.signum, on_event=live.on_event if live else None)
+        finally:
+            if live is not None:
+                live.close()  # the last picture goes before any message about how the run ended
     except CampaignInterrupted as exc:
         print(f"{exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
         return 128 + exc.signum
@@ -108,12 +130,42 @@ def _run(args: argparse.Namespace) -> int:
         return stopped.exit_code
     finally:
         stop.uninstall()
-        if progress is not None:
-            progress.close()
     if summary.get("already_finished"):
         print(f"campaign {summary['directory']} already finished; nothing to do")
         return 0
     print(render(summary))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """``status RUN``: the live display's picture of a run directory, from any shell."""
+    from aimspax_like.analysis.status import render, render_line, status_of
+
+    status = status_of(args.run_dir)
+    if args.json:
+        print(json.dumps(status, indent=2, allow_nan=False))
+    elif args.line:
+        print(render_line(status))
+    else:
+        from rich.console import Console
+
+        Console().print(render(status))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``report RUN``: figures, summary.md and a self-contained index.html under RUN/report/.
+
+    Works on a finished, running or interrupted campaign; a folder that is not a run directory
+    is a ``RunDirectoryError`` (one line, exit 2) before anything is written.
+    """
+    from aimspax_like.analysis.report import make_report
+
+    report = make_report(args.run_dir)
+    for path in report.paths:
+        print(path)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -226,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _init(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command in ("validate", "testset"):
+            from aimspax_like.validation.commands import run as run_validation
+
+            return run_validation(args)
         if args.command == "schema":
             from aimspax_like.config import json_schema
 

@@ -8,35 +8,32 @@ a killed driver leaves every event it logged before the kill.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from aimspax_like.analysis.strict_json import strict
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+logger = logging.getLogger(__name__)
+
+# Called with each record (the dict ``emit`` returns) after it is written.
+Listener = Callable[[dict[str, Any]], None]
 
 
 class EventLog:
-    """Append-only JSONL writer; also counts events by name for the summary."""
+    """Append-only JSONL writer; also counts events by name for the summary.
 
-    def __init__(self, path: Path | None) -> None:
+    ``listeners`` (or ``add_listener``) see every record as it is logged: the live status display.
+    """
+
+    def __init__(self, path: Path | None, listeners: Iterable[Listener] = ()) -> None:
         self.path = path
+        self._listeners: list[Listener] = list(listeners)
         self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,14 +45,31 @@ class EventLog:
         self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = {"t": round(time.time(), 4), "event": event, **_jsonable(fields)}
+        record = {"t": round(time.time(), 4), "event": event, **strict(fields)}
         line = json.dumps(record) + "\n"
         with self._lock:
             self.counts[event] += 1
             if self._file is not None:
                 self._file.write(line)
                 self._file.flush()
+        for listener in tuple(self._listeners):  # outside the lock: a listener may emit or be slow
+            try:
+                listener(record)
+            except Exception:  # a broken display must never stop the campaign or lose an event
+                logger.debug("event listener %r failed on %s", listener, event, exc_info=True)
         return record
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(record)`` with every record from now on, after it is written.
+
+        It runs in the emitting thread (the driver's main thread, or an executor's result or
+        monitor thread), so it must be quick and thread-safe; what it raises is logged and ignored.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def close(self) -> None:
         with self._lock:

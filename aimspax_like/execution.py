@@ -276,11 +276,12 @@ class ParslLabelExecutor(LabelExecutor):
             usage_tracking=0,
             **self._scaling(),
         )
-        self._dfk = parsl.DataFlowKernel(config)
         # Parsl logs at DEBUG into its own parsl.log; keep that out of the user's terminal when a
         # library (mace calls logging.info on the root logger) has given the root a handler.
+        # Before the DataFlowKernel starts: it logs its whole config while starting.
         for name in ("parsl", "concurrent.futures"):
             logging.getLogger(name).propagate = False
+        self._dfk = parsl.DataFlowKernel(config)
         # The app functions are module-level functions (``label`` itself, or this module's light
         # wrappers): workers unpickle them by reference and so import aimspax_like.reference
         # (and this module) only, never torch or MACE.

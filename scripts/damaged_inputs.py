@@ -24,7 +24,7 @@ The contract each row is judged by (the row's ``expect`` column):
   no (origin, trajectory, md_step) stored twice and no frame stored before an interruption lost;
 * ``completed or 3``: either of the two above (labels that are NaN never enter the dataset).
 
-Lines starting with ``warning:`` (advice) and the progress line (``[   8.5s] phase=...``) are not
+Lines starting with ``warning:`` (advice) and the status lines (``2026-11-30 12:01:05 al  ...``) are not
 counted as error lines; any other extra line (a traceback, a Python warning) is. A filesystem
 case that cannot mount its tmpfs is a SKIP row, which, like a FAIL, makes the exit code 1. Exit
 code 0 when every row is OK. A markdown table (one row per check) is printed at the end and
@@ -69,7 +69,7 @@ SLURM_COMMANDS = {
     "sbatch", "srun", "squeue", "scancel", "salloc", "sinfo", "scontrol", "sacct", "sacctmgr", "sattach",
     "sbcast", "scrontab", "sdiag", "sh5util", "sprio", "sreport", "sshare", "sstat", "strigger", "sview",
 }
-PROGRESS = re.compile(r"^\[\s*[\d.]+s\] ")  # the CLI's status line (stderr, every 15 s off a terminal)
+PROGRESS = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")  # the CLI's status line (stderr off a terminal)
 FULL_DISK_KB = 900  # tmpfs size of the full-disk case; the tiny campaign's run directory needs ~1.3 MB
 
 

@@ -1,0 +1,755 @@
+"""Where a campaign stands: the picture behind the live display and ``aimspax-like status``.
+
+``StatusTracker`` reads event records (the dicts ``EventLog.emit`` writes to ``logs/events.jsonl``)
+one at a time and keeps a small picture of the campaign: the phase, every AL trajectory's MD step
+and state, the threshold, labels done / in flight / failed per phase, the dataset's split sizes,
+the best validation force MAE, the workers and blocks, the wall time, and how much of the current
+phase's budget (from the resolved ``campaign.yaml``) is used. The driver feeds it from the event
+log as events happen (``aimspax_like.live``); ``status_of`` replays the log of a run directory from
+any other process. Both end in ``snapshot()``, a strict-JSON dict, which ``render`` (a rich panel)
+and ``render_line`` (one plain line) draw.
+
+Nothing here opens ``data/dataset.h5`` (the driver may be writing it): every number comes from the
+event log, which records each stored frame (``frame_stored``) and each split change
+(``frame_released``), so the split sizes equal the dataset's as long as the log is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aimspax_like.analysis.strict_json import strict
+from aimspax_like.data.frames import SPLITS  # the dataset's splits: the data sizes list every one
+
+PHASE_ORDER = ("idg", "al", "converge", "test")
+TRAJECTORY_STATES = ("running", "waiting", "training", "done")
+LABEL_PHASES = ("idg", "al", "test", "analysis")
+# A trajectory table longer than this is drawn as one summary line.
+MAX_TRAJECTORY_ROWS = 8
+# Below this much of the phase done since it (re)started, a remaining time is a guess: "unknown".
+MIN_FRACTION_FOR_ETA = 0.01
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from an event field ("inf" strings, None and junk give None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _threshold(value: Any) -> float | str | None:
+    """A threshold as strict JSON: a finite number, "inf" (warm-up), or None (not known)."""
+    if value in ("inf", "Infinity"):
+        return "inf"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isinf(value) and value > 0:
+            return "inf"
+        return float(value) if math.isfinite(value) else None
+    return None
+
+
+class Budgets:
+    """The stop criteria of each phase, read from a resolved campaign config (a plain dict)."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        config = config or {}
+        idg, al = config.get("idg") or {}, config.get("al") or {}
+        converge, test = config.get("converge") or {}, config.get("test_set") or {}
+        self.known = bool(config)
+        self.enabled = {
+            "idg": idg.get("enabled", True), "al": al.get("enabled", True),
+            "converge": converge.get("enabled", True), "test": bool(test.get("size", 1)),
+        }
+        self.idg_max_set_size = idg.get("max_set_size")
+        self.idg_max_epochs = idg.get("max_epochs")
+        self.al_max_md_steps = al.get("max_md_steps")
+        self.al_trajectories = al.get("num_trajectories")
+        self.al_max_train = al.get("max_train_set_size")
+        self.converge_max_epochs = converge.get("max_epochs")
+        self.test_size = test.get("size")
+        self.test_temperatures = self._test_temperatures(test, al)
+
+    @staticmethod
+    def _test_temperatures(test: dict[str, Any], al: dict[str, Any]) -> int | None:
+        if test.get("temperatures_K") is not None:
+            return len(test["temperatures_K"])
+        md = al.get("md")
+        blocks = md if isinstance(md, list) else [md] if isinstance(md, dict) else []
+        temps = {b.get("temperature_K") for b in blocks if isinstance(b, dict)}
+        return len(temps) + 1 if temps else None  # the AL temperatures plus one 1.4x the highest
+
+
+def load_budgets(run_dir: Path) -> Budgets:
+    """The budgets of a run directory's ``campaign.yaml`` (none known if it cannot be read)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(run_dir) / "campaign.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return Budgets()
+    return Budgets(data if isinstance(data, dict) else None)
+
+
+class StatusTracker:
+    """The campaign picture, kept up to date one event record at a time (thread-safe)."""
+
+    def __init__(self, budgets: Budgets | dict[str, Any] | None = None) -> None:
+        self.budgets = budgets if isinstance(budgets, Budgets) else Budgets(budgets)
+        self._lock = threading.Lock()
+        self.directory: str | None = None
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.segments: list[list[float]] = []  # [start, last event] of each driver run
+        self.ended = False  # the current segment logged campaign_end
+        self.phase: str | None = None
+        self.phase_t0: float | None = None
+        self._phase_f0: float = 0.0  # the phase's progress fraction when it (re)started
+        self.phases_done: list[str] = []
+        self.phases_skipped: list[str] = []
+        self.phase_reasons: dict[str, Any] = {}
+        self.interrupted: str | None = None
+        self.trajectories: dict[int, dict[str, Any]] = {}
+        self.threshold: float | str | None = None
+        self.threshold_frozen = False
+        self.labels: dict[str, Counter[str]] = {}
+        self.splits: Counter[str] = Counter()
+        self.origins: Counter[str] = Counter()
+        self.analysis_points = 0
+        self.valid_mae: dict[str, Any] | None = None
+        self._converged: list[float] = []
+        self.converge_members: list[int] = []
+        self.converge_epoch: dict[str, Any] | None = None
+        self._converge_first_epoch = 0
+        self.idg_epochs = 0
+        self.idg_md_steps: int | None = None
+        self.al_train0: int | None = None
+        self.al_steps_reported: int | None = None  # from on_progress (the driver only)
+        self.test_targets: int | None = None
+        self.executor: dict[str, Any] = {}
+        self.workers: int | None = None
+        self.blocks: dict[str, str] = {}
+        self.warnings = 0
+        self.md_unstable = 0
+        self.events = 0
+
+    # ------------------------------------------------------------------ input
+
+    def feed(self, record: dict[str, Any]) -> None:
+        """Take one event record (as ``EventLog.emit`` returns it / writes it)."""
+        if not isinstance(record, dict):
+            return
+        with self._lock:
+            self._feed(record)
+
+    def feed_all(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.feed(record)
+
+    def progress(self, status: dict[str, Any]) -> None:
+        """Take an ``on_progress`` dict: finer-grained numbers the log does not carry."""
+        if not isinstance(status, dict):
+            return
+        with self._lock:
+            phase = status.get("phase")
+            if phase == "al" and isinstance(status.get("steps"), int):
+                self.al_steps_reported = int(status["steps"])
+            elif phase == "converge" and isinstance(status.get("epoch"), int):
+                # A member's epoch counts from its first training; converge.max_epochs from here.
+                member, epoch = status.get("member"), status["epoch"]
+                if not self.converge_epoch or self.converge_epoch.get("member") != member:
+                    self._converge_first_epoch = epoch
+                self.converge_epoch = {"member": member, "epoch": epoch - self._converge_first_epoch + 1,
+                                       "valid_force_mae": _number(status.get("valid_mae"))}
+
+    def _label_counter(self, phase: str) -> Counter[str]:
+        return self.labels.setdefault(phase, Counter())
+
+    def _feed(self, r: dict[str, Any]) -> None:  # one branch per event name
+        name, t = r.get("event"), _number(r.get("t"))
+        self.events += 1
+        if t is not None:
+            self.t_first = t if self.t_first is None else self.t_first
+            self.t_last = t
+            if self.segments and name != "campaign_start":  # the last event of this driver run so far
+                self.segments[-1][1] = t
+        phase_of = r.get("phase") or self.phase or "?"
+        if name == "campaign_start":
+            self.segments.append([t or 0.0, t or 0.0])
+            self.directory = r.get("directory", self.directory)
+            self.ended, self.phase, self.phase_t0, self.interrupted = False, None, None, None
+            for counter in self.labels.values():  # labels in flight died with the last driver
+                counter["in_flight"] = 0
+            self.workers, self.blocks, self.executor = None, {}, {}
+        elif name == "campaign_end":
+            self.ended = True
+            for counter in self.labels.values():
+                counter["in_flight"] = 0
+        elif name in ("phase_start", "phase_resume"):
+            phase = r.get("phase")
+            if phase == "al" and (name == "phase_start" or self.al_train0 is None):
+                self.al_train0 = self.splits["train"]
+            if phase == "converge":
+                self.converge_members = list(r.get("members") or [])
+                self._converged, self.converge_epoch = [], None
+            if phase == "test":
+                temps = r.get("temperatures_K")
+                if isinstance(temps, list) and isinstance(self.budgets.test_size, int):
+                    self.test_targets = self.budgets.test_size * len(temps)
+            if name == "phase_resume":
+                self._label_counter(phase)["in_flight"] += int(r.get("resubmitted", 0) or 0)
+            self.phase, self.phase_t0 = phase, t
+            self._phase_f0 = self._fraction()[0] or 0.0
+        elif name == "phase_end":
+            phase = r.get("phase")
+            if phase not in self.phases_done:
+                self.phases_done.append(phase)
+            self.phase_reasons[phase] = r.get("reason")
+            if phase == "idg":
+                self.idg_md_steps = r.get("md_steps", self.idg_md_steps)
+            if phase in self.labels:
+                self.labels[phase]["in_flight"] = 0
+            if self.phase == phase:
+                self.phase, self.phase_t0 = None, None
+        elif name == "phase_skipped":
+            if r.get("phase") not in self.phases_skipped:
+                self.phases_skipped.append(r.get("phase"))
+        elif name in ("al_interrupted", "idg_interrupted", "test_interrupted"):
+            self.interrupted = f"{name.split('_')[0]} stopped by {_signal_name(r.get('signal'))}"
+        elif name == "labels_keep_failing":
+            self.interrupted = f"labels keep failing ({r.get('consecutive')} in a row)"
+        elif name == "al_stop":
+            self.phase_reasons["al"] = r.get("reason")
+            if isinstance(r.get("md_steps"), int):
+                self.al_steps_reported = r["md_steps"]
+        elif name == "uncertainty":
+            self._trajectory(r).update(step=r.get("step", 0))
+            self.threshold = _threshold(r.get("threshold"))
+        elif name == "state":
+            self._trajectory(r).update(state=r.get("new"), step=r.get("step", 0))
+        elif name == "rewind":
+            self._trajectory(r)["step"] = r.get("step", 0)
+        elif name in ("md_unstable",):
+            self.md_unstable += 1
+        elif name == "threshold_frozen":
+            self.threshold, self.threshold_frozen = _threshold(r.get("value")), True
+        elif name == "label_submitted":
+            self._label_counter(phase_of)["in_flight"] += 1
+            if "threshold" in r:
+                self.threshold = _threshold(r["threshold"])
+        elif name in ("label_done", "label_held"):
+            self._returned(phase_of)
+        elif name == "label_failed":
+            counter = self._label_counter(phase_of)
+            if r.get("retry"):
+                counter["retried"] += 1  # tried again: still in flight
+            else:
+                counter["failed"] += 1
+                self._returned(phase_of)
+        elif name == "frame_stored":
+            split, origin = r.get("split"), r.get("origin") or phase_of
+            self.splits[split] += 1
+            self.origins[origin] += 1
+            self._label_counter(origin)["done"] += 1
+        elif name == "frame_released":
+            self.splits["held"] = max(0, self.splits["held"] - 1)
+            self.splits[r.get("split")] += 1
+        elif name == "analysis_point":
+            self.analysis_points += 1
+        elif name == "training_round":
+            maes = [v for m in r.get("members") or [] if (v := _number(m.get("valid_force_mae"))) is not None]
+            if maes:
+                self.valid_mae = {"value": min(maes), "phase": r.get("phase"), "train_size": r.get("train_size")}
+            if r.get("phase") == "idg":
+                self.idg_epochs = int(r.get("total_epochs") or self.idg_epochs)
+        elif name == "converged":
+            value = _number(r.get("valid_force_mae"))
+            if value is not None:
+                self._converged.append(value)
+                self.valid_mae = {"value": min(self._converged), "phase": "converge",
+                                  "train_size": self.splits["train"]}
+        elif name == "executor_started":
+            self.executor = {"kind": r.get("kind"), "n_workers": r.get("n_workers")}
+        elif name == "executor_stopped":
+            self.executor = {**self.executor, "stopped": True}
+            self.workers = 0
+        elif name == "workers":
+            self.workers = int(r.get("connected") or 0)
+        elif name in ("block_requested", "block_running", "block_released"):
+            self.blocks[str(r.get("block"))] = name.split("_")[1]
+        elif name == "warning":
+            self.warnings += 1
+
+    def _trajectory(self, r: dict[str, Any]) -> dict[str, Any]:
+        index = int(r.get("trajectory", -1))
+        return self.trajectories.setdefault(index, {"step": 0, "state": "running"})
+
+    def _returned(self, phase: str) -> None:
+        counter = self._label_counter(phase)
+        counter["in_flight"] = max(0, counter["in_flight"] - 1)
+
+    # ------------------------------------------------------------------ budgets
+
+    def _fraction(self) -> tuple[float | None, str, dict[str, Any]]:
+        """(fraction of the current phase done or None, a short text, what is left)."""
+        b, phase = self.budgets, self.phase
+        if phase == "idg":
+            frames, parts, left, fractions = self.origins["idg"], [], {}, []
+            if isinstance(b.idg_max_set_size, int) and b.idg_max_set_size > 0:
+                fractions.append(frames / b.idg_max_set_size)
+                left["frames"] = max(0, b.idg_max_set_size - frames)
+                parts.append(f"frames {frames}/{b.idg_max_set_size}")
+            else:
+                parts.append(f"frames {frames}")
+            if isinstance(b.idg_max_epochs, int) and b.idg_max_epochs > 0:
+                fractions.append(self.idg_epochs / b.idg_max_epochs)
+                left["epochs"] = max(0, b.idg_max_epochs - self.idg_epochs)
+                parts.append(f"epochs {self.idg_epochs}/{b.idg_max_epochs}")
+            # IDG stops at whichever budget runs out first (the probe may add rounds).
+            return (min(1.0, max(fractions)) if fractions else None), ", ".join(parts), left
+        if phase == "al":
+            return self._al_fraction()
+        if phase == "converge":
+            members = len(self.converge_members) or 1
+            done = len(self._converged)
+            text = f"members {done}/{members} converged"
+            epoch = (self.converge_epoch or {}).get("epoch")
+            max_epochs = b.converge_max_epochs
+            left: dict[str, Any] = {"members": members - done}
+            fraction = done / members
+            if isinstance(epoch, int) and isinstance(max_epochs, int) and max_epochs > 0:
+                text += f", epoch {epoch}/{max_epochs} (at most)"
+                fraction += min(1.0, epoch / max_epochs) / members
+                left["epochs_at_most"] = max(0, max_epochs - epoch)
+            return min(1.0, fraction), text, left
+        if phase == "test":
+            frames = self.origins["test"]
+            target = self.test_targets
+            if target is None and isinstance(b.test_size, int) and b.test_temperatures:
+                target = b.test_size * b.test_temperatures
+            if not target:
+                return None, f"frames {frames}", {}
+            return min(1.0, frames / target), f"frames {frames}/{target}", {"frames": max(0, target - frames)}
+        return None, "", {}
+
+    def _al_steps(self) -> tuple[int, int]:
+        """(MD steps of all trajectories, the same with finished trajectories counted as full)."""
+        steps = sum(int(t.get("step") or 0) for t in self.trajectories.values())
+        if self.al_steps_reported is not None:
+            steps = max(steps, self.al_steps_reported)
+        full = steps
+        cap = self.budgets.al_max_md_steps
+        if isinstance(cap, int):
+            full = sum(cap if t.get("state") == "done" else min(cap, int(t.get("step") or 0))
+                       for t in self.trajectories.values())
+            full = max(full, min(steps, cap * len(self.trajectories)))
+        return steps, full
+
+    def _al_fraction(self) -> tuple[float | None, str, dict[str, Any]]:
+        b = self.budgets
+        steps, counted = self._al_steps()
+        parts, left, fractions = [], {}, []
+        n = b.al_trajectories if isinstance(b.al_trajectories, int) else len(self.trajectories)
+        if isinstance(b.al_max_md_steps, int) and n:
+            budget = b.al_max_md_steps * n
+            fractions.append(counted / budget)
+            left["md_steps"] = max(0, budget - counted)
+            parts.append(f"steps {steps}/{budget}")
+        else:
+            parts.append(f"steps {steps}")
+        train = self.splits["train"]
+        if isinstance(b.al_max_train, int):
+            parts.append(f"train {train}/{b.al_max_train}")
+            left["train_frames"] = max(0, b.al_max_train - train)
+            start = self.al_train0 if self.al_train0 is not None else 0
+            if b.al_max_train > start:
+                fractions.append((train - start) / (b.al_max_train - start))
+        # AL stops at the first budget spent (or at desired_acc, which cannot be foreseen).
+        return (min(1.0, max(fractions)) if fractions else None), ", ".join(parts), left
+
+    # ------------------------------------------------------------------ output
+
+    def snapshot(self, now: float | None = None, alive: bool | None = None) -> dict[str, Any]:
+        """The picture as a strict-JSON dict. ``alive``: whether a driver runs it now
+        (None: assume so while the last segment has not ended)."""
+        with self._lock:
+            return strict(self._snapshot(time.time() if now is None else now, alive))
+
+    def _snapshot(self, now: float, alive: bool | None) -> dict[str, Any]:
+        if alive is None:
+            alive = bool(self.segments) and not self.ended
+        end = now if alive else self.t_last
+        fraction, detail, left = self._fraction()
+        phase_elapsed = (end - self.phase_t0) if (self.phase_t0 is not None and end is not None) else None
+        eta = None
+        if alive and fraction is not None and phase_elapsed and phase_elapsed > 1.0:
+            gained = fraction - self._phase_f0
+            if gained >= MIN_FRACTION_FOR_ETA:
+                eta = max(0.0, (1.0 - fraction) * phase_elapsed / gained)
+        states = Counter(t.get("state") for t in self.trajectories.values())
+        labels = {phase: {key: int(c[key]) for key in ("done", "in_flight", "failed", "retried")}
+                  for phase, c in sorted(self.labels.items(), key=lambda kv: _phase_key(kv[0]))}
+        totals = {key: sum(v[key] for v in labels.values()) for key in ("done", "in_flight", "failed", "retried")}
+        steps, _ = self._al_steps()
+        driver_s = sum(b - a for a, b in self.segments[:-1]) + (
+            (end - self.segments[-1][0]) if self.segments and end is not None else 0.0)
+        active_blocks = sum(s in ("requested", "running") for s in self.blocks.values())
+        state = "running" if alive else ("not started" if not self.segments else "stopped" if self.ended else "killed")
+        ended_phases = {*self.phases_done, *self.phases_skipped}
+        test_done = "test" in ended_phases or not self.budgets.enabled["test"]
+        if state == "stopped" and "converge" in ended_phases and test_done:
+            state = "finished"
+        return {
+            "directory": self.directory,
+            "state": state,
+            "phase": self.phase,
+            "phase_elapsed_s": _round(phase_elapsed),
+            "phases_done": list(self.phases_done),
+            "phases_skipped": list(self.phases_skipped),
+            "phase_reasons": dict(self.phase_reasons),
+            "interrupted": self.interrupted,
+            "ended": self.ended,
+            "trajectories": [{"index": k, "step": int(v.get("step") or 0), "state": v.get("state")}
+                             for k, v in sorted(self.trajectories.items())],
+            "trajectory_states": {s: states.get(s, 0) for s in TRAJECTORY_STATES},
+            "md_steps": {"al": steps, "idg": self.idg_md_steps},
+            "threshold": self.threshold,
+            "threshold_frozen": self.threshold_frozen,
+            "labels": {**labels, "total": totals},
+            "analysis_points": self.analysis_points,
+            "data": {**{s: int(self.splits[s]) for s in SPLITS},
+                     **{str(s): int(n) for s, n in self.splits.items() if s not in SPLITS and s and n}},
+            "valid_force_mae": dict(self.valid_mae) if self.valid_mae else None,
+            "converge_epoch": dict(self.converge_epoch) if self.converge_epoch else None,
+            "workers": {"connected": self.workers, "executor": self.executor.get("kind"),
+                        "stopped": bool(self.executor.get("stopped")),
+                        "n_workers": self.executor.get("n_workers"), "active_blocks": active_blocks,
+                        "blocks": dict(self.blocks)},
+            "elapsed_s": _round((end - self.t_first) if (self.t_first is not None and end is not None) else None),
+            "driver_s": _round(driver_s),
+            "segments": len(self.segments),
+            "progress": {"phase": self.phase, "fraction": _round(fraction, 4), "detail": detail,
+                         "left": left, "eta_s": _round(eta)},
+            "warnings": self.warnings,
+            "md_unstable": self.md_unstable,
+            "last_event_t": self.t_last,
+            "events": self.events,
+        }
+
+
+def _signal_name(signum: Any) -> str:
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return f"signal {signum}"
+
+
+def _phase_key(phase: str) -> int:
+    return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+# ---------------------------------------------------------------------- a run directory
+
+
+def read_event_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of an event log being appended to: a torn or damaged line is skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            records.append(record)
+    return records
+
+
+def driver_of(run_dir: Path) -> dict[str, Any]:
+    """Whether a driver holds the run directory now, read from ``driver.lock`` without taking it.
+
+    Same host: the recorded pid is alive and is the same process. Another host: the lock file's
+    heartbeat is younger than ``run_lock.STALE_AFTER_S``. Call it from another process than the
+    driver's: reading the lock file in the driver's own process would drop its record lock.
+    """
+    from aimspax_like.run_lock import LOCK_NAME, STALE_AFTER_S, _alive, read_holder
+
+    holder = read_holder(run_dir)
+    if not holder or holder.get("released"):
+        return {"alive": False}
+    try:
+        age = time.time() - os.stat(Path(run_dir) / LOCK_NAME).st_mtime
+    except OSError:
+        return {"alive": False}
+    if holder.get("host") == socket.gethostname():
+        try:
+            alive = _alive(int(holder.get("pid", -1)), holder.get("process_start"))
+        except (TypeError, ValueError):
+            alive = False
+    else:
+        alive = age < STALE_AFTER_S
+    return {"alive": alive, "pid": holder.get("pid"), "host": holder.get("host"),
+            "started": holder.get("started"), "heartbeat_age_s": round(age, 1)}
+
+
+def _finished(run_dir: Path) -> tuple[bool, list[str]]:
+    try:
+        state = json.loads((Path(run_dir) / "state" / "phases.json").read_text())
+    except (OSError, ValueError):
+        return False, []
+    done = state.get("done") if isinstance(state, dict) else None
+    done = [str(p) for p in done] if isinstance(done, list) else []
+    return "converge" in done and (Path(run_dir) / "report" / "summary.json").is_file(), done
+
+
+def status_of(run_dir: Path | str, now: float | None = None) -> dict[str, Any]:
+    """The status of a run directory, running or not, as a strict-JSON dict.
+
+    Raises ``RunDirectoryError`` for a folder that is not a run directory. Reads only
+    ``campaign.yaml``, ``driver.lock``, ``logs/events.jsonl``, ``state/phases.json`` and whether
+    ``report/summary.json`` exists; safe while a driver appends to the log.
+    """
+    from aimspax_like.errors import RunDirectoryError
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise RunDirectoryError(f"{root}: no such run directory")
+    markers = (root / "campaign.yaml", root / "logs" / "events.jsonl", root / "driver.lock")
+    if not any(path.is_file() for path in markers):  # a driver that has just started has only its lock
+        raise RunDirectoryError(f"{root}: not a run directory (no campaign.yaml)")
+    driver = driver_of(root)  # before the log: a driver that ends meanwhile has logged its end
+    tracker = StatusTracker(load_budgets(root))
+    tracker.feed_all(read_event_records(root / "logs" / "events.jsonl"))
+    finished, done = _finished(root)
+    snapshot = tracker.snapshot(now=now, alive=driver["alive"] and not finished)
+    snapshot["directory"] = str(root)
+    snapshot["phases_done"] = done or snapshot["phases_done"]
+    snapshot["finished"] = finished
+    snapshot["driver"] = driver
+    snapshot["state"] = _state(snapshot, driver["alive"], finished)
+    return strict(snapshot)
+
+
+def _state(snapshot: dict[str, Any], alive: bool, finished: bool) -> str:
+    if finished:
+        return "finished"
+    if alive:
+        return "running"
+    if not snapshot["segments"]:
+        return "not started"
+    return "stopped" if snapshot["ended"] else "killed"  # killed: no campaign_end was logged
+
+
+# ---------------------------------------------------------------------- drawing
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _mev(value: float | None) -> str:
+    return "-" if value is None else f"{1000 * value:.1f} meV/A"
+
+
+def _threshold_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return "inf (warm-up)" if value == "inf" else f"{value:.3f} eV/A"
+
+
+def _labels_text(snapshot: dict[str, Any]) -> str:
+    labels = snapshot["labels"]
+    total = labels["total"]
+    parts = [f"{p} {v['done']}" for p, v in labels.items() if p != "total" and (v["done"] or v["in_flight"])]
+    text = f"{total['done']} done"
+    if parts:
+        text += f" ({', '.join(parts)})"
+    text += f", {total['in_flight']} in flight, {total['failed']} failed"
+    if total["retried"]:
+        text += f", {total['retried']} retried"
+    if snapshot.get("analysis_points"):
+        text += f", {snapshot['analysis_points']} analysis labels"
+    return text
+
+
+def _data_text(snapshot: dict[str, Any]) -> str:
+    data = snapshot["data"]
+    text = f"train {data['train']}, valid {data['valid']}, test {data['test']}"
+    return text + "".join(f", {split} {n}" for split, n in data.items()
+                          if split not in ("train", "valid", "test") and n)
+
+
+def _workers_text(snapshot: dict[str, Any]) -> str:
+    w = snapshot["workers"]
+    if w["executor"] is None:
+        return "-"
+    if w.get("stopped"):
+        return f"{w['executor']} executor stopped"
+    connected = w["connected"] if w["connected"] is not None else w["n_workers"]
+    text = f"{connected if connected is not None else '?'} {w['executor']} workers"
+    if w["blocks"]:
+        text += f", {w['active_blocks']} active blocks of {len(w['blocks'])}"
+    return text
+
+
+def _phase_text(snapshot: dict[str, Any]) -> str:
+    phase = snapshot["phase"]
+    done = [p for p in snapshot["phases_done"] if p not in snapshot["phases_skipped"]]
+    if phase is None:
+        if snapshot.get("state") == "finished":
+            return "finished (" + ", ".join(done) + ")"
+        return "between phases" + (f" (done: {', '.join(done)})" if done else "")
+    text = phase
+    if snapshot["phase_elapsed_s"] is not None:
+        running = snapshot.get("state", "running") == "running"
+        text += f" {'for' if running else 'stopped after'} {format_duration(snapshot['phase_elapsed_s'])}"
+    if done:
+        text += f" (done: {', '.join(done)})"
+    return text
+
+
+def _trajectory_summary(snapshot: dict[str, Any]) -> str:
+    trajectories = snapshot["trajectories"]
+    if not trajectories:
+        return "-"
+    steps = [t["step"] for t in trajectories]
+    text = f"{len(trajectories)}"
+    if snapshot["phase"] == "al":
+        text += ": " + ", ".join(f"{n} {s}" for s, n in snapshot["trajectory_states"].items() if n) + ";"
+    text += f"{'' if snapshot['phase'] == 'al' else ','} steps {min(steps)}..{max(steps)} " \
+            f"(median {statistics.median(steps):g})"
+    reason = snapshot["phase_reasons"].get("al")
+    if snapshot["phase"] != "al" and reason:
+        text += f"; AL stopped at {reason}"
+    return text
+
+
+def _state_line(snapshot: dict[str, Any]) -> str:
+    state = snapshot.get("state") or ("running" if not snapshot["ended"] else "stopped")
+    driver = snapshot.get("driver") or {}
+    if state == "running" and driver.get("pid"):
+        state += f" (driver pid {driver['pid']} on {driver.get('host')})"
+    if snapshot.get("interrupted") and state != "running":
+        state += f": {snapshot['interrupted']}"
+    return state
+
+
+def render(snapshot: dict[str, Any]) -> Any:
+    """A rich renderable of a snapshot: a compact panel."""
+    from rich import box
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    grid.add_row("status", _state_line(snapshot))
+    grid.add_row("phase", _phase_text(snapshot))
+    progress = snapshot["progress"]
+    if progress["detail"]:
+        fraction = progress["fraction"]
+        text = progress["detail"]
+        if fraction is not None:
+            text += f"  [{100 * fraction:.0f} %]"
+        grid.add_row("progress", text)
+    if snapshot["trajectories"] or snapshot["phase"] == "al":
+        threshold = _threshold_text(snapshot["threshold"]) + (" (frozen)" if snapshot["threshold_frozen"] else "")
+        grid.add_row("threshold", threshold)
+    grid.add_row("labels", _labels_text(snapshot))
+    grid.add_row("data", _data_text(snapshot))
+    mae = snapshot["valid_force_mae"]
+    if mae:
+        grid.add_row("valid MAE", f"{_mev(mae['value'])} (best member, {mae['phase']}, train {mae['train_size']})")
+    epoch = snapshot.get("converge_epoch")
+    if snapshot["phase"] == "converge" and epoch:
+        grid.add_row("converging", f"member {epoch['member']} epoch {epoch['epoch']}: "
+                                   f"valid {_mev(epoch['valid_force_mae'])}")
+    grid.add_row("workers", _workers_text(snapshot))
+    elapsed = format_duration(snapshot["elapsed_s"])
+    if snapshot["segments"] > 1:
+        elapsed += f" ({snapshot['segments']} driver runs, {format_duration(snapshot['driver_s'])} of driver time)"
+    grid.add_row("elapsed", elapsed)
+    if snapshot["phase"] is not None and snapshot.get("state", "running") == "running":
+        eta = progress["eta_s"]
+        grid.add_row("phase ETA", "unknown" if eta is None else f"~{format_duration(eta)}")
+    parts: list[Any] = [grid]
+    trajectories = snapshot["trajectories"]
+    if 0 < len(trajectories) <= MAX_TRAJECTORY_ROWS and snapshot["phase"] == "al":
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
+        table.add_column("trajectory", justify="right")
+        table.add_column("MD step", justify="right")
+        table.add_column("state")
+        for t in trajectories:
+            table.add_row(str(t["index"]), str(t["step"]), t["state"] or "?")
+        parts.append(table)
+    elif trajectories:
+        grid.add_row("trajectories", _trajectory_summary(snapshot))
+    title = "aimspax-like" + (f"  {snapshot['directory']}" if snapshot.get("directory") else "")
+    return Panel(Group(*parts), title=title, title_align="left", expand=False)
+
+
+def render_line(snapshot: dict[str, Any]) -> str:
+    """The picture in one plain line (no timestamp): for log files and scripts."""
+    phase = snapshot["phase"] or ("finished" if snapshot.get("state") == "finished" else "-")
+    parts = [phase]
+    if snapshot["progress"]["detail"]:
+        parts.append(snapshot["progress"]["detail"])
+    if snapshot["trajectories"] and snapshot["phase"] == "al":
+        counts = " ".join(f"{s} {n}" for s, n in snapshot["trajectory_states"].items() if n)
+        parts.append(f"traj {counts}")
+    if snapshot["phase"] == "al" and snapshot["threshold"] is not None:
+        parts.append(f"threshold {_threshold_text(snapshot['threshold']).split(' (')[0]}")
+    total = snapshot["labels"]["total"]
+    parts.append(f"labels {total['done']} done {total['in_flight']} in flight {total['failed']} failed")
+    parts.append("data " + " ".join(f"{split} {n}" for split, n in snapshot["data"].items()
+                                    if n or split in ("train", "valid", "test")))
+    mae = snapshot["valid_force_mae"]
+    if mae:
+        parts.append(f"valid {_mev(mae['value'])}")
+    workers = snapshot["workers"]
+    connected = workers["connected"] if workers["connected"] is not None else workers["n_workers"]
+    if connected is not None and not workers.get("stopped"):
+        parts.append(f"workers {connected}")
+    parts.append(f"elapsed {format_duration(snapshot['elapsed_s'])}")
+    if snapshot["phase"] is not None and snapshot.get("state", "running") == "running":
+        parts.append(f"ETA {format_duration(snapshot['progress']['eta_s'])}")
+    if snapshot.get("state") and snapshot["state"] != "running":
+        parts.append(_state_line(snapshot))
+    return "  ".join(parts)
+
+
+def timestamp(t: float | None = None) -> str:
+    return _dt.datetime.fromtimestamp(time.time() if t is None else t).strftime("%Y-%m-%d %H:%M:%S")
