@@ -139,7 +139,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """``status RUN``: the live display's picture of a run directory, from any shell."""
-    from aimspax_like.analysis.status import render, render_line, status_of
+    from aimspax_like.analysis.status import status_of
+    from aimspax_like.analysis.status_render import render, render_line
 
     status = status_of(args.run_dir)
     if args.json:

@@ -79,13 +79,22 @@ class EventLog:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """All complete events of a log (a torn last line from a kill is skipped)."""
+    """Every complete event of a log, also one a driver is appending to right now.
+
+    A torn last line (a kill mid-write, or a write under way) or a damaged line is skipped,
+    bytes that are not UTF-8 do not stop the reading, and a line that is not an event object
+    (no ``event`` name) is left out.
+    """
     events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            events.append(record)
     return events
 
 

@@ -1,8 +1,8 @@
 """The driver's live status display, fed by the event log.
 
-On a terminal the picture of ``analysis.status.render`` is redrawn in place a few times a second
+On a terminal the picture of ``analysis.status_render.render`` is redrawn in place a few times a second
 (``rich.live.Live`` on stderr; the last picture stays when the campaign ends). When stderr is not a
-terminal (a SLURM log file) it writes one timestamped line (``analysis.status.render_line``)
+terminal (a SLURM log file) it writes one timestamped line (``analysis.status_render.render_line``)
 every ``interval_s`` seconds and at the start of every phase.
 
 ``LiveStatus.on_event`` is an ``EventLog`` listener (``run_campaign(..., on_event=...)``); the
@@ -19,14 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from aimspax_like.analysis.status import (
-    Budgets,
-    StatusTracker,
-    read_event_records,
-    render,
-    render_line,
-    timestamp,
-)
+from aimspax_like.analysis.status import Budgets, StatusTracker
+from aimspax_like.analysis.status_render import render, render_line, timestamp
+from aimspax_like.events import read_events
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +72,8 @@ class LiveStatus:
         directory = record.get("directory")
         if not directory:
             return
-        history = read_event_records(Path(directory) / "logs" / "events.jsonl")
+        log = Path(directory) / "logs" / "events.jsonl"
+        history = read_events(log) if log.is_file() else []
         starts = [k for k, r in enumerate(history) if r.get("event") == "campaign_start"]
         if starts:  # the last one is this run's own, already in the file
             self.tracker.feed_all(history[: starts[-1]])

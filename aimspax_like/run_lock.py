@@ -81,6 +81,31 @@ def read_holder(root: Path) -> dict[str, Any] | None:
         return None
 
 
+def driver_state(root: Path) -> dict[str, Any]:
+    """Whether a driver holds the run directory now, read from ``driver.lock`` without taking it.
+
+    Same host: the recorded pid is alive and is the same process. Another host: the lock file's
+    heartbeat is younger than ``STALE_AFTER_S``. For other processes only (status, report): in
+    the driver's own process, reading the lock file would drop its record lock.
+    """
+    holder = read_holder(root)
+    if not holder or holder.get("released"):
+        return {"alive": False}
+    try:
+        age = time.time() - (Path(root) / LOCK_NAME).stat().st_mtime
+    except OSError:
+        return {"alive": False}
+    if holder.get("host") == socket.gethostname():
+        try:
+            alive = _alive(int(holder.get("pid", -1)), holder.get("process_start"))
+        except (TypeError, ValueError):
+            alive = False
+    else:
+        alive = age < STALE_AFTER_S
+    return {"alive": alive, "pid": holder.get("pid"), "host": holder.get("host"),
+            "started": holder.get("started"), "heartbeat_age_s": round(age, 1)}
+
+
 class RunLock:
     """The held lock of one run directory; ``release`` (or leaving the ``with`` block) frees it."""
 

@@ -16,7 +16,8 @@ import yaml
 from campaign_helpers import tiny_config
 from rich.console import Console
 
-from aimspax_like.analysis.status import StatusTracker, render, render_line, status_of
+from aimspax_like.analysis.status import StatusTracker, status_of
+from aimspax_like.analysis.status_render import render, render_line
 from aimspax_like.cli import main
 from aimspax_like.data import DatasetStore
 from aimspax_like.events import EventLog, read_events

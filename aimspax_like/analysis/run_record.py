@@ -9,7 +9,6 @@ missing. Only a folder without ``campaign.yaml`` is refused (it is not a run dir
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import yaml
 from aimspax_like.analysis.strict_json import revive
 from aimspax_like.errors import RunDirectoryError
 from aimspax_like.events import read_events
-from aimspax_like.run_lock import LOCK_NAME, STALE_AFTER_S
+from aimspax_like.run_lock import driver_state
 
 
 @dataclass
@@ -33,7 +32,7 @@ class RunRecord:
     phases: dict[str, Any]
     summary: dict[str, Any] | None
     validation: dict[str, Any] | None
-    lock_age_s: float | None = None  # seconds since the driver lock's last heartbeat; None: no lock
+    driver: dict[str, Any] = field(default_factory=dict)  # run_lock.driver_state: is a driver on it now
     _by_name: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +71,7 @@ class RunRecord:
         ended = any(e.get("event") == "campaign_end" and e["t"] >= last_start for e in self.events)
         if ended:
             return "stopped"
-        if self.lock_age_s is not None and self.lock_age_s < STALE_AFTER_S:
+        if self.driver.get("alive"):
             return "running"
         return "killed"
 
@@ -93,13 +92,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _lock_age(root: Path) -> float | None:
-    try:
-        return max(0.0, time.time() - (root / LOCK_NAME).stat().st_mtime)
-    except OSError:
-        return None
-
-
 def load_run(run_dir: Path | str) -> RunRecord:
     """Read a run directory; ``RunDirectoryError`` if it holds no ``campaign.yaml``."""
     root = Path(run_dir)
@@ -118,5 +110,5 @@ def load_run(run_dir: Path | str) -> RunRecord:
         phases=_read_json(root / "state" / "phases.json") or {},
         summary=_read_json(root / "report" / "summary.json"),
         validation=_read_json(root / "report" / "validation.json"),
-        lock_age_s=_lock_age(root),
+        driver=driver_state(root),
     )
