@@ -187,6 +187,10 @@ def test_full_validate_with_stability_and_rdf(finished_campaign, tmp_path, capsy
     assert [f["file"] for f in report["figures"]] == ["validation_parity.png", "validation_rdf.png"]
     assert all(f["caption"] for f in report["figures"])
     assert (run / "report" / "validation_rdf.png").is_file()
+    # The report is written again, so the page carries the validation (stability table, its figures).
+    assert f"report      {run / 'report' / 'index.html'}" in out
+    page = (run / "report" / "index.html").read_text()
+    assert "stable" in page and page.count("data:image/png;base64,") >= len(report["figures"]) + 1
 
 
 def test_rdf_reference_md_in_process_when_test_frames_are_not_reference_md(finished_campaign, tmp_path):

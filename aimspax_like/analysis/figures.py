@@ -278,7 +278,10 @@ def learning_curves(record: RunRecord, out: Path) -> FigureFile | None:
         "(blue: initial dataset generation, orange: active learning, one round per training update). Stars "
         "(green, last) are the members' errors after convergence training. Members are "
         "validated on the shared validation set as it stood at that round, so early values use fewer "
-        "frames; an energy error that rises after convergence before the E0 refit is expected.")
+        "frames. The energy errors here are those of the members as they trained, before the per-element "
+        "reference energies (E0) are refitted to the whole training set at the end: a large energy MAE "
+        "that stays flat is mostly a constant offset per member, which the refit removes (the test-set "
+        "table shows the saved members' energy errors).")
     return FigureFile(_save(fig, out), "Learning curves", caption)
 
 

@@ -52,7 +52,7 @@ def _labels_text(snapshot: dict[str, Any]) -> str:
     if total["retried"]:
         text += f", {total['retried']} retried"
     if snapshot.get("analysis_points"):
-        text += f", {snapshot['analysis_points']} analysis labels"
+        text += f", {snapshot['analysis_points']} ground-truth analysis points"
     return text
 
 

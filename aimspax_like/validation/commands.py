@@ -104,7 +104,25 @@ def _validate(args: argparse.Namespace) -> int:
         reference_md=args.reference_md, seed=args.seed, device=args.device, on_progress=_say(args),
     )
     print(render(validate_run(args.run_dir, options)))
+    _refresh_report(args.run_dir)
     return 0
+
+
+def _refresh_report(run_dir: Path) -> None:
+    """Write the run's report again so that its page carries the validation just made.
+
+    The validation itself is saved already (``report/validation.json``): a report that cannot be
+    drawn is one warning line, never a failed validation.
+    """
+    from aimspax_like.analysis.report import write_report
+
+    try:
+        page = write_report(run_dir)
+    except Exception as exc:  # any plotting or file error
+        print(f"warning: report not updated ({type(exc).__name__}: {exc}); run: aimspax-like report {run_dir}",
+              file=sys.stderr)
+        return
+    print(f"report      {page}")
 
 
 def _testset(args: argparse.Namespace) -> int:
