@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -57,7 +58,7 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
         raise ConfigError("converge.enabled", "nothing to train on: idg and al are both disabled")
     if config.reference.compute_stress and not all(a.pbc.all() for a in structures):
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
-    _check_npt(config, structures)
+    npt = _check_npt(config, structures)
     if config.reference.kind == "pyscf":
         _check_spin(config.reference.charge, config.reference.spin, structures)
     if config.cluster.kind == "slurm":
@@ -67,17 +68,29 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
                               "(run the driver where SLURM's commands are, or use cluster.kind: local)")
     if config.model.device == "cuda":
         check_cuda()
+    if npt and not config.reference.compute_stress:
+        # The barostat follows the committee's virial: it must be trained on reference stresses.
+        config.reference.compute_stress = True
+        print(f"note: reference.compute_stress switched on: {npt} runs NPT, whose barostat needs the "
+              "committee trained on stresses", file=sys.stderr)
     return structures
 
 
-def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> None:
-    """A barostat needs a periodic cell in every direction, and stresses from what drives the MD."""
+def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> str | None:
+    """A barostat needs a periodic cell in every direction, and stresses from what drives the MD.
+
+    Returns the first config block that runs NPT (None: no NPT anywhere).
+    """
     blocks = [("idg.md", config.idg.md), ("test_set.md", config.test_set.md)]
     blocks += [(f"al.md[{k}]" if isinstance(config.al.md, list) else "al.md", config.al.md_for(k))
                for k in range(config.al.num_trajectories)]
     for key, md in blocks:
         if md.ensemble.startswith("npt") and not all(a.pbc.all() for a in structures):
             raise ConfigError(f"{key}.ensemble", f"{md.ensemble} needs periodic cells in every start structure")
+    used = [("idg.md", config.idg.md)] if config.idg.enabled else []
+    used += [(key, md) for key, md in blocks[2:] if config.al.enabled]
+    used += [("test_set.md", config.test_set.md)] if config.test_set.size else []
+    return next((key for key, md in used if md.ensemble.startswith("npt")), None)
 
 
 def _check_spin(charge: int, spin: int, structures: list[Atoms]) -> None:
@@ -323,9 +336,10 @@ def _run_locked(
                 _mark_phase(paths, "test")
                 _save_results(paths, results)
             if committee is not None and committee.valid:
-                results["final_valid"] = [
-                    committee.trainer.evaluate(k, committee.valid)["force_mae"] for k in range(committee.n_members)
-                ]
+                final = [committee.trainer.evaluate(k, committee.valid) for k in range(committee.n_members)]
+                results["final_valid"] = [errors["force_mae"] for errors in final]
+                if any(errors["stress_mae"] == errors["stress_mae"] for errors in final):  # not all NaN
+                    results["final_valid_stress"] = [errors["stress_mae"] for errors in final]
         summary = build_summary(ctx, results)
         write_summary(paths.report, summary)
         _write_report(ctx)

@@ -127,6 +127,12 @@ class Committee:
         prediction = self.ensemble.predict(structures)
         return [prediction.forces_of(s) for s in range(len(structures))]
 
+    def committee_stresses(self, structures: list[Atoms]) -> list[np.ndarray]:
+        """One ``[n_members, 3, 3]`` stress per structure (eV/A^3, ASE's sign), for NPT trajectories."""
+        from aimspax_like.sampling.stress import member_stresses
+
+        return member_stresses(self.ensemble, structures)
+
     def committee_energies(self, structures: list[Atoms]) -> np.ndarray:
         """Every member's total energy of every structure, ``[n_members, n_structures]`` (eV)."""
         return self.ensemble.predict(structures).energies

@@ -232,6 +232,10 @@ class TrainingConfig(_Strict):
     clip_grad: float | None = Field(10.0, gt=0, description="Gradient norm clip; null: none.")
     energy_weight: float = Field(1.0, ge=0)
     forces_weight: float = Field(1000.0, ge=0)
+    stress_weight: float = Field(
+        1000.0, ge=0, description="Weight of the stress term (eV/A^3 squared) for frames with stress labels "
+        "(reference.compute_stress); 0 trains on energies and forces only.",
+    )
     batch_size: int = Field(5, ge=1)
     valid_batch_size: int = Field(20, ge=1)
 

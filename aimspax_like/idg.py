@@ -55,7 +55,7 @@ def _reference_sampler(ctx: RunContext) -> StridedSampler:
         ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), ctx.config.idg.md,
         ctx.config.idg.stride, seed=ctx.config.seed,
         on_failure=lambda i, exc: ctx.labeller.reference_md_failed("idg", exc, structure=i),
-        on_success=ctx.labeller.reference_md_succeeded,
+        on_success=ctx.labeller.reference_md_succeeded, with_stress=ctx.config.reference.compute_stress,
     )
 
 
@@ -205,7 +205,7 @@ class IDGPhase:
                 sampled = sampler.next_frame()
                 while self._stored(sampled):  # replayed after a resume: already in the dataset
                     sampled = sampler.next_frame()
-            return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, None, None, 0.0), sampled)]
+            return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, sampled.stress, None, 0.0), sampled)]
         return self._label_by_workers(sampler, min(limit, self.ctx.labeller.n_workers))
 
     def _label_by_workers(

@@ -46,7 +46,7 @@ def probe_committee(
         states.append(MDState(atoms, md, rng))
         guards.append(build_guards(atoms.copy(), md.temperature_K, al.guards))
     for step in range(1, steps + 1):
-        step_batch(states, committee.committee_forces)
+        step_batch(states, committee.committee_forces, getattr(committee, "committee_stresses", None))
         for k in range(len(states)):
             reason = first_failure(guards[k], states[k])
             if reason:

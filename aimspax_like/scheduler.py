@@ -68,7 +68,8 @@ class Status(str, Enum):
 
 class CommitteeLike(Protocol):
     """What the scheduler needs of the committee (``committee_energies`` ``[M, S]`` is optional:
-    with it, frames the committee places far above the seen energies are not sent to the reference).
+    with it, frames the committee places far above the seen energies are not sent to the reference;
+    ``committee_stresses`` (one ``[M, 3, 3]`` per structure) is needed for NPT trajectories only).
 
     ``state_dict()`` / ``load_state_dict(state)`` are optional too: a committee with them has its
     learned state (the trainer) saved in and restored from the scheduler's checkpoint; one
@@ -261,12 +262,17 @@ class ALScheduler(SchedulerCheckpoint):
 
     # ------------------------------------------------------------------ sampling
 
+    @property
+    def _stresses(self) -> Any:
+        """The committee's stresses, asked for only when an NPT trajectory is in the batch."""
+        return getattr(self.committee, "committee_stresses", None)
+
     def _step_running(self) -> None:
         running = [t for t in self.trajectories if t.status == Status.RUNNING]
         if not running:
             return
         with self.clock.measure("md"):
-            step_batch([t.md for t in running], self.committee.committee_forces)
+            step_batch([t.md for t in running], self.committee.committee_forces, self._stresses)
         unstable = []
         for trajectory in running:
             md = trajectory.md

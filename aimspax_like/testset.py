@@ -176,7 +176,7 @@ class _TestSampling:
                 seed=seed,
                 on_failure=lambda i, exc: ctx.labeller.reference_md_failed("test", exc, structure=i,
                                                                            temperature_K=temperature),
-                on_success=ctx.labeller.reference_md_succeeded,
+                on_success=ctx.labeller.reference_md_succeeded, with_stress=ctx.config.reference.compute_stress,
             )
         if self._calculator is None:
             from aimspax_like.models.foundation import idg_foundation_calculator
@@ -195,7 +195,7 @@ class _TestSampling:
             if key in self.stored:  # replayed after a resume
                 done.append(self.stored[key])
             elif self.kind == "reference":
-                result = LabelResult(s.energy, s.forces, None, None, 0.0)
+                result = LabelResult(s.energy, s.forces, s.stress, None, 0.0)
                 done.append(self._store(s, key, result))
             else:
                 fresh.append((s, key))

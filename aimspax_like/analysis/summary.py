@@ -10,6 +10,7 @@ label CPU time on the workers.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
         "overlap": label_overlap(events),
         "analysis": analysis_summary(events),
         "valid_force_mae": results.get("final_valid"),
+        "valid_stress_mae": results.get("final_valid_stress"),
         "best_member": results.get("converge", {}).get("best_member"),
         "test": results.get("test"),
         "wall_s": {
@@ -122,6 +124,9 @@ def render(summary: dict[str, Any]) -> str:
         maes = "  ".join(f"m{k}: {v * 1000:.1f}" for k, v in enumerate(summary["valid_force_mae"]))
         best = summary.get("best_member")
         lines.append(f"valid F MAE (meV/A)  {maes}" + (f"   best: m{best}" if best is not None else ""))
+    if summary.get("valid_stress_mae"):
+        maes = "  ".join(f"m{k}: {v * 1000:.2f}" for k, v in enumerate(summary["valid_stress_mae"]))
+        lines.append(f"valid S MAE (meV/A^3)  {maes}")
     test = summary.get("test")
     if test and test.get("size"):
         lines.extend(_test_lines(test))
@@ -193,8 +198,10 @@ def _test_errors(group: dict[str, Any]) -> str:
     final = group["final"]
     members = "/".join(f"{m['force_mae'] * 1000:.0f}" for m in group["members"])
     r = group["uncertainty_error_r"]
+    stress = final.get("stress_mae")
+    stress_text = f", S MAE {stress * 1000:.2f} meV/A^3" if isinstance(stress, float) and math.isfinite(stress) else ""
     return (f"final F MAE {final['force_mae'] * 1000:.1f} meV/A, E MAE {final['energy_mae_per_atom'] * 1000:.2f} "
-            f"meV/atom; members F {members}; uncertainty-error r " + ("n/a" if r is None else f"{r:.2f}"))
+            f"meV/atom{stress_text}; members F {members}; uncertainty-error r " + ("n/a" if r is None else f"{r:.2f}"))
 
 
 def write_summary(report_dir: Path, summary: dict[str, Any]) -> None:

@@ -7,9 +7,13 @@ all of them for checkpoint/resume.
 
 Loss. Training uses mace's own ``WeightedEnergyForcesLoss``:
 ``w_E * mean_graphs(((E_pred - E_ref) / n_atoms)^2) + w_F * mean_components((F_pred - F_ref)^2)``
-(per-frame ``config_weight`` and missing labels handled as mace does). Validation reports the
-same expression over the whole set (not averaged per batch), plus force MAE (eV/A, over
-components, as mace's ``mae_f``) and energy MAE per atom (eV/atom).
+(per-frame ``config_weight`` and missing labels handled as mace does). With stress labels and
+``training.stress_weight > 0`` it is mace's ``WeightedEnergyForcesStressLoss``, which adds
+``w_S * mean_components((S_pred - S_ref)^2)`` (eV/A^3) over the frames that carry a stress: an
+NPT trajectory is driven by the committee's virial, which must be trained like its forces.
+Validation reports the same expression over the whole set (not averaged per batch), plus force
+MAE (eV/A, over components, as mace's ``mae_f``), energy MAE per atom (eV/atom) and, where
+frames have stress labels, stress MAE (eV/A^3, over the 9 components).
 
 EMA. The live weights of ``ensemble.members[k]`` are the EMA-averaged weights whenever the
 trainer is not inside one of its methods, so ``ensemble.predict``, ``ensemble.save`` and
@@ -33,7 +37,7 @@ from typing import Any
 import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
 import torch
 from ase import Atoms
-from mace.modules import WeightedEnergyForcesLoss
+from mace.modules import WeightedEnergyForcesLoss, WeightedEnergyForcesStressLoss
 from torch_ema import ExponentialMovingAverage
 
 from aimspax_like.config import TrainingConfig
@@ -57,6 +61,7 @@ class MemberMetrics:
     valid_energy_mae_per_atom: float  # eV/atom
     improved: bool
     optimizer_reset: bool
+    valid_stress_mae: float = math.nan  # eV/A^3; NaN when no validation frame has a stress label
 
 
 @dataclass
@@ -107,8 +112,14 @@ class EnsembleTrainer:
         self.cfg = training_cfg
         self.reset_after = reset_after if reset_after and reset_after > 0 else None
         self.min_rel_improvement = float(min_rel_improvement)
+        self.stress_weight = float(training_cfg.stress_weight)
+        # A batch without any stress label (molecules, or frames labelled without stress) trains on
+        # energies and forces alone: mace's stress loss needs a predicted stress for every batch.
         self.loss_fn = WeightedEnergyForcesLoss(training_cfg.energy_weight, training_cfg.forces_weight)
-        self.loss_fn.to(device=ensemble.device, dtype=ensemble.dtype)
+        self.stress_loss_fn = WeightedEnergyForcesStressLoss(
+            training_cfg.energy_weight, training_cfg.forces_weight, self.stress_weight)
+        for loss in (self.loss_fn, self.stress_loss_fn):
+            loss.to(device=ensemble.device, dtype=ensemble.dtype)
         self._states = [self._new_state(k) for k in range(len(ensemble))]
 
     # ------------------------------------------------------------------ public API
@@ -278,8 +289,9 @@ class EnsembleTrainer:
                 raise CampaignInterrupted(signum)
             batch = batch.to(self.ensemble.device)
             st.optimizer.zero_grad(set_to_none=True)
-            out = model(batch.to_dict(), training=True, compute_force=True)
-            loss = self.loss_fn(batch, out, ddp=False)
+            with_stress = self._with_stress(batch)
+            out = model(batch.to_dict(), training=True, compute_force=True, compute_stress=with_stress)
+            loss = (self.stress_loss_fn if with_stress else self.loss_fn)(batch, out, ddp=False)
             loss.backward()
             if self.cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_norm=self.cfg.clip_grad)
@@ -295,10 +307,11 @@ class EnsembleTrainer:
     def _errors(self, k: int, graphs: list) -> dict[str, float]:
         """Whole-set loss and MAEs; frames lacking a label (weight 0) drop out of its terms."""
         model = self.ensemble.members[k]
-        e_sq = e_abs = e_n = f_sq = f_abs = f_n = 0.0
+        e_sq = e_abs = e_n = f_sq = f_abs = f_n = s_sq = s_abs = s_n = 0.0
         for batch in loader(graphs, self.cfg.valid_batch_size):
             batch = batch.to(self.ensemble.device)
-            out = model(batch.to_dict(), training=False, compute_force=True)
+            stress = self._has_stress(batch)
+            out = model(batch.to_dict(), training=False, compute_force=True, compute_stress=stress)
             n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
             e_w = batch.weight * batch.energy_weight
             e_err = (out["energy"].detach() - batch.energy) / n_atoms
@@ -310,13 +323,21 @@ class EnsembleTrainer:
             f_sq += float((f_w * f_err**2).sum())
             f_abs += float((f_w * f_err.abs()).sum())
             f_n += float((f_w > 0).sum()) * 3
-        e_mse, f_mse = _ratio(e_sq, e_n), _ratio(f_sq, f_n)
+            if stress:
+                s_w = (batch.weight * batch.stress_weight).view(-1, 1, 1)
+                s_err = out["stress"].detach() - batch.stress
+                s_sq += float((s_w * s_err**2).sum())
+                s_abs += float((s_w * s_err.abs()).sum())
+                s_n += float((s_w > 0).sum()) * 9
+        e_mse, f_mse, s_mse = _ratio(e_sq, e_n), _ratio(f_sq, f_n), _ratio(s_sq, s_n)
         loss = self.cfg.energy_weight * _or_zero(e_mse) + self.cfg.forces_weight * _or_zero(f_mse)
+        loss += self.stress_weight * _or_zero(s_mse)
         return {
             "loss": loss,
             "force_mae": _ratio(f_abs, f_n),
             "force_rmse": math.sqrt(f_mse),
             "energy_mae_per_atom": _ratio(e_abs, e_n),
+            "stress_mae": _ratio(s_abs, s_n),
             "n_frames": float(len(graphs)),
         }
 
@@ -330,7 +351,18 @@ class EnsembleTrainer:
             valid_energy_mae_per_atom=errors["energy_mae_per_atom"],
             improved=improved,
             optimizer_reset=reset,
+            valid_stress_mae=errors["stress_mae"],
         )
+
+    @staticmethod
+    def _has_stress(batch: Any) -> bool:
+        """Whether any frame of the batch carries a stress label (only periodic frames can)."""
+        return bool((batch.stress_weight > 0).any())
+
+    def _with_stress(self, batch: Any) -> bool:
+        """Stress enters training when it is weighted and labelled (a stress pass costs a second
+        derivative; molecules without a cell never get one)."""
+        return self.stress_weight > 0 and self._has_stress(batch)
 
     def _better(self, loss: float, best: float) -> bool:
         return math.isinf(best) or loss < best * (1.0 - self.min_rel_improvement)

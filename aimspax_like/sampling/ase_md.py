@@ -29,6 +29,7 @@ class SampledFrame:
     forces: np.ndarray
     structure: int
     md_step: int
+    stress: np.ndarray | None = None  # Voigt, eV/A^3: reference MD of periodic cells with stress labels
 
 
 class StridedSampler:
@@ -44,8 +45,10 @@ class StridedSampler:
         on_failure: Callable[[int, Exception], None] | None = None,
         max_failures: int = 20,
         on_success: Callable[[], None] | None = None,
+        with_stress: bool = False,
     ) -> None:
         self.md = md
+        self.with_stress = with_stress  # hand out the calculator's stress with each frame (periodic cells)
         self.stride = stride
         self.on_failure = on_failure
         self.on_success = on_success
@@ -78,10 +81,12 @@ class StridedSampler:
                     step_batch([state], _calculator_forces, _calculator_stresses, None)
                 energy = float(atoms.get_potential_energy())
                 forces = np.array(atoms.get_forces())
+                stress = np.array(atoms.get_stress()) if self.with_stress and atoms.pbc.all() else None
                 # Positions too: non-finite forces at an intermediate step move the atoms to NaN
                 # even when the forces of the handed-out frame happen to be finite again.
-                if not (np.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(atoms.positions).all()):
-                    raise FloatingPointError("non-finite energy, forces or positions")
+                finite = np.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(atoms.positions).all()
+                if not finite or (stress is not None and not np.isfinite(stress).all()):
+                    raise FloatingPointError("non-finite energy, forces, stress or positions")
                 break
             except Exception as exc:  # reference MD failures are expected data, not crashes
                 failures += 1
@@ -99,7 +104,7 @@ class StridedSampler:
         frame = atoms.copy()
         frame.calc = None
         self.last_good[index] = frame.copy()
-        return SampledFrame(frame, energy, forces, index, self.steps[index])
+        return SampledFrame(frame, energy, forces, index, self.steps[index], stress)
 
     def _rewind(self, index: int) -> None:
         state = self.states[index]

@@ -1,0 +1,96 @@
+"""Solids end to end: IDG and active learning in NPT on a periodic cell, trained on stresses.
+
+A rattled 8-atom copper cell labelled by EMT (energy, forces and stress), IDG and AL both with
+stochastic cell rescaling at 300 K and 1 bar. The barostat is driven by the committee's virial,
+so the committee must predict stresses in the AL loop and be trained on the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import write
+from campaign_helpers import tiny_config
+
+from aimspax_like.campaign import run_campaign
+from aimspax_like.config import config_from_dict
+from aimspax_like.data import DatasetStore
+from aimspax_like.events import read_events
+
+NPT = {"ensemble": "npt_crescale", "temperature_K": 300, "pressure_bar": 1.0, "taup_fs": 100.0,
+       "compressibility_per_bar": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def npt_campaign(tmp_path_factory, parsl_executor):
+    tmp_path = tmp_path_factory.mktemp("npt")
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    cell.rattle(0.03, seed=1)
+    config = tiny_config(
+        tmp_path,
+        idg={"md": NPT, "max_set_size": 30},
+        al={"md": NPT, "num_trajectories": 2, "max_md_steps": 150, "max_train_set_size": 20, "analysis_every": None},
+        test_set={"size": 3, "stride": 5, "temperatures_K": [300]},
+    )
+    write(tmp_path / "cluster.xyz", cell)  # the helper's structure file, now a periodic cell
+    campaign = config_from_dict(config)
+    assert campaign.reference.compute_stress is False  # switched on by the campaign, with a note
+    summary = run_campaign(campaign, executor=parsl_executor)
+    return tmp_path / "run", summary
+
+
+def test_npt_active_learning_finishes_and_samples_cells(npt_campaign):
+    run, summary = npt_campaign
+    assert summary["al"]["md_steps"] > 0 and summary["al"]["labels_done"] > 0
+    events = read_events(run / "logs/events.jsonl")
+    assert not [e for e in events if e["event"] == "md_unstable"]  # the barostat stayed physical
+    store = DatasetStore.open(run / "data/dataset.h5")
+    start_volume = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1)).get_volume()
+    for origin in ("idg", "al"):
+        frames = store.frames(origin=origin)
+        volumes = np.array([f.to_atoms().get_volume() for f in frames])
+        assert frames and np.ptp(volumes) > 1e-3 * start_volume  # the cell moves in both phases
+        assert np.all(np.abs(volumes / start_volume - 1) < 0.2)
+    for frame in store.frames():
+        assert frame.stress is not None and np.all(np.isfinite(frame.stress))
+        atoms = frame.to_atoms()
+        atoms.calc = EMT()
+        np.testing.assert_allclose(atoms.get_stress(), frame.stress, atol=1e-9)  # EMT's own stress
+
+
+def test_members_train_and_validate_on_stress(npt_campaign):
+    run, _ = npt_campaign
+    events = read_events(run / "logs/events.jsonl")
+    rounds = [e for e in events if e["event"] == "training_round"]
+    assert rounds and all(math.isfinite(m["valid_stress_mae"]) for m in rounds[-1]["members"])
+    converged = [e for e in events if e["event"] == "converged"]
+    assert converged and math.isfinite(converged[0]["valid_stress_mae"])
+
+    text = (run / "report/summary.md").read_text()
+    assert "valid S MAE (meV/A^3)" in text and "S MAE" in text.split("test 300 K")[1].splitlines()[0]
+
+
+def test_the_converged_model_predicts_stress_through_mace_calculator(npt_campaign):
+    run, _ = npt_campaign
+    import mace  # noqa: F401
+    from mace.calculators import MACECalculator
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    cell.calc = MACECalculator(model_paths=str(run / "models/best.model"), device="cpu", default_dtype="float64")
+    stress = cell.get_stress()
+    assert stress.shape == (6,) and np.all(np.isfinite(stress))
+
+
+def test_the_campaign_says_it_switched_stress_labels_on(tmp_path, capsys):
+    from aimspax_like.campaign import check_inputs
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True)
+    config = config_from_dict(tiny_config(tmp_path, al={"md": NPT}))
+    write(tmp_path / "cluster.xyz", cell)
+    check_inputs(config)
+    assert config.reference.compute_stress is True
+    assert "note: reference.compute_stress switched on: al.md runs NPT" in capsys.readouterr().err
