@@ -110,11 +110,17 @@ def _safe(key: str) -> bool:
 
 
 def unsafe_changes(saved_yaml: str, current_yaml: str) -> list[str]:
-    """Dotted keys whose value differs between two resolved configs and may not change."""
+    """Dotted keys whose value differs between two resolved configs and may not change.
+
+    A key the saved record does not have at all was added to the engine after the run started
+    (the record writes every key the engine knew): its default stands for what the older engine
+    did, so it is not a change, and a run directory stays resumable across an upgrade. A key
+    that disappeared from the current config is a change.
+    """
     saved = dict(_flatten(yaml.safe_load(saved_yaml)))
     current = dict(_flatten(yaml.safe_load(current_yaml)))
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if saved.get(k) != current.get(k) and not _safe(k)]
+    return [k for k in keys if k in saved and saved.get(k) != current.get(k) and not _safe(k)]
 
 
 # --------------------------------------------------------------------------- the AL phase

@@ -106,3 +106,11 @@ def test_an_interruption_is_no_setup_error():
     stopped = CampaignInterrupted(signal.SIGINT)
     assert isinstance(stopped, AimspaxError) and not isinstance(stopped, SetupError)
     assert stopped.signum == signal.SIGINT
+
+
+def test_a_key_the_run_never_recorded_is_not_a_change():
+    """A run directory started by an older engine (fewer keys) stays resumable after an upgrade."""
+    saved = yaml.safe_load(_yaml())
+    del saved["al"]["window"]  # as if the engine that started the run had no such key
+    assert unsafe_changes(yaml.safe_dump(saved), _yaml()) == []
+    assert unsafe_changes(_yaml(), yaml.safe_dump(saved)) == ["al.window"]  # a key that went away is one
