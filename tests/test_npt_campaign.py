@@ -33,7 +33,7 @@ def npt_campaign(tmp_path_factory, parsl_executor):
     config = tiny_config(
         tmp_path,
         idg={"md": NPT, "max_set_size": 30},
-        al={"md": NPT, "num_trajectories": 2, "max_md_steps": 150, "max_train_set_size": 20, "analysis_every": None},
+        al={"md": NPT, "num_trajectories": 2, "max_md_steps": 150, "max_train_set_size": 20},
         test_set={"size": 3, "stride": 5, "temperatures_K": [300]},
     )
     write(tmp_path / "cluster.xyz", cell)  # the helper's structure file, now a periodic cell
