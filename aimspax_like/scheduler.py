@@ -312,9 +312,11 @@ class ALScheduler(SchedulerCheckpoint):
         deltas = [max_atomic_uncertainty(t.md.member_forces) for t in checked]
         trusted = []
         for trajectory, delta in zip(checked, deltas, strict=True):
+            atoms = trajectory.md.atoms
+            cell = {"volume": float(atoms.get_volume())} if atoms.pbc.all() else {}  # NPT traces in the report
             self.events.emit(
                 "uncertainty", trajectory=trajectory.index, step=trajectory.md.step,
-                delta=delta, threshold=threshold,
+                delta=delta, threshold=threshold, **cell,
             )
             if self.trust_factor is not None and delta > self.trust_factor * threshold:
                 # Far beyond the threshold: a region where one label cannot help (DP-GEN's

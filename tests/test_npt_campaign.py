@@ -48,6 +48,9 @@ def test_npt_active_learning_finishes_and_samples_cells(npt_campaign):
     assert summary["al"]["md_steps"] > 0 and summary["al"]["labels_done"] > 0
     events = read_events(run / "logs/events.jsonl")
     assert not [e for e in events if e["event"] == "md_unstable"]  # the barostat stayed physical
+    volumes = [e["volume"] for e in events if e["event"] == "uncertainty"]
+    assert volumes and np.ptp(volumes) > 0  # logged at every check, and it moves
+    assert (run / "report/figures/cell_volumes.png").is_file()
     store = DatasetStore.open(run / "data/dataset.h5")
     start_volume = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1)).get_volume()
     for origin in ("idg", "al"):

@@ -450,8 +450,33 @@ def failures_and_guards(record: RunRecord, out: Path) -> FigureFile | None:
     return FigureFile(_save(fig, out), "Failures and guards", caption)
 
 
+# ----------------------------------------------------------------------------- h: cell volumes
+
+
+def cell_volumes(record: RunRecord, out: Path) -> FigureFile | None:
+    """(h) Periodic cells: each AL trajectory's cell volume against MD step (NPT sampling at a glance)."""
+    traj = {k: s for k, s in series.trajectory_series(record.events).items() if np.isfinite(s.volume).any()}
+    if not traj:
+        return None
+    fig = _figure(10, 4.2)
+    ax = fig.subplots()
+    for index, s in traj.items():
+        ax.plot(*_with_breaks(s.step, s.volume), lw=1.0, label=f"trajectory {index}")
+    ax.set_xlabel("MD step of the trajectory")
+    ax.set_ylabel(f"cell volume ({ANG}\u00b3)")
+    ax.grid(alpha=0.3)
+    _legend_from(fig, [ax], ncol=min(len(traj), 6))
+    fig.suptitle("Cell volume along each active-learning trajectory", fontsize=12)
+    caption = (
+        "The cell volume of every periodic AL trajectory at each uncertainty check (\u00c5\u00b3). Under NPT "
+        "it should fluctuate around a plateau; a steady drift means the barostat has not equilibrated, a "
+        "jump back is a rewind to the trajectory's last labelled frame. Constant lines are NVT.")
+    return FigureFile(_save(fig, out), "Cell volumes", caption)
+
+
 ALL_FIGURES: tuple[tuple[str, Callable[[RunRecord, Path], FigureFile | None]], ...] = (
     ("trajectories.png", trajectories),
+    ("cell_volumes.png", cell_volumes),
     ("error_vs_uncertainty.png", error_vs_uncertainty),
     ("correlation_segments.png", correlation_segments),
     ("learning_curves.png", learning_curves),

@@ -106,6 +106,8 @@ def _figures(record: RunRecord, folder: Path) -> tuple[list[FigureFile], list[st
         figure = draw(record, path)
         if figure is None:
             path.unlink(missing_ok=True)
+            if name == "cell_volumes.png":  # only periodic cells have one: nothing to explain for molecules
+                continue
             if name != "correlation_segments.png" or len(series.analysis_points(record.events)):
                 notes.append(MISSING.get(name, f"{name}: nothing to draw."))
         else:

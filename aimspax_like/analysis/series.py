@@ -35,23 +35,26 @@ class TrajectorySeries:
     threshold: np.ndarray  # Eq. 2 at the check, eV/A; NaN while infinite
     submitted_step: np.ndarray
     submitted_delta: np.ndarray
+    volume: np.ndarray  # cell volume at each check, A^3; NaN for non-periodic systems
 
 
 def trajectory_series(events: Events) -> dict[int, TrajectorySeries]:
     """Uncertainty checks and label submissions of the AL phase, per trajectory index."""
-    checks: dict[int, list[tuple[float, float, float, float]]] = {}
+    checks: dict[int, list[tuple[float, float, float, float, float]]] = {}
     sent: dict[int, list[tuple[float, float]]] = {}
     for e in events:
         if e["event"] == "uncertainty" and "trajectory" in e:
             checks.setdefault(int(e["trajectory"]), []).append(
-                (e["t"], float(e.get("step", 0)), _finite(e.get("delta")), _finite(e.get("threshold"))))
+                (e["t"], float(e.get("step", 0)), _finite(e.get("delta")), _finite(e.get("threshold")),
+                 _finite(e.get("volume"))))
         elif e["event"] == "label_submitted" and e.get("phase", "al") == "al" and "delta" in e:
             sent.setdefault(int(e["trajectory"]), []).append((float(e.get("step", 0)), _finite(e["delta"])))
     series = {}
     for index in sorted(set(checks) | set(sent)):
-        rows = np.array(checks.get(index, []), dtype=float).reshape(-1, 4)
+        rows = np.array(checks.get(index, []), dtype=float).reshape(-1, 5)
         subs = np.array(sent.get(index, []), dtype=float).reshape(-1, 2)
-        series[index] = TrajectorySeries(index, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], subs[:, 0], subs[:, 1])
+        series[index] = TrajectorySeries(index, rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], subs[:, 0], subs[:, 1],
+                                         rows[:, 4])
     return series
 
 
