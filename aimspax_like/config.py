@@ -270,9 +270,14 @@ class MDConfig(_Strict):
     thermostat plus isotropic stochastic cell rescaling (correct volume fluctuations) or its
     noise-free Berendsen limit, towards ``pressure_bar`` with ``taup_fs`` and the
     ``compressibility_per_bar`` estimate (it sets only how fast the volume relaxes).
+    ``npt_mtk`` (periodic cells only): Martyna-Tobias-Klein NPT, deterministic, with Nose-Hoover
+    chains on particles (``taut_fs``) and barostat (``taup_fs``; it also sets the barostat mass
+    as ASE does) and a conserved extended energy; ``cell_flexibility`` picks which cell changes.
     """
 
-    ensemble: Literal["langevin", "nve", "bussi", "nose_hoover", "npt_crescale", "npt_berendsen"] = "langevin"
+    ensemble: Literal[
+        "langevin", "nve", "bussi", "nose_hoover", "npt_crescale", "npt_berendsen", "npt_mtk"
+    ] = "langevin"
     temperature_K: float = Field(500.0, gt=0)
     timestep_fs: float = Field(1.0, gt=0)
     friction_per_fs: float = Field(0.001, ge=0, description="Langevin friction (langevin).")
@@ -280,7 +285,11 @@ class MDConfig(_Strict):
     pressure_bar: float = Field(0.0, description="Target pressure (npt_*).")
     taup_fs: float = Field(1000.0, gt=0, description="Barostat time constant (npt_*).")
     compressibility_per_bar: float = Field(
-        4.6e-5, gt=0, description="Isothermal compressibility estimate (npt_*); water's by default."
+        4.6e-5, gt=0, description="Isothermal compressibility estimate (npt_crescale/berendsen); water's by default."
+    )
+    cell_flexibility: Literal["isotropic", "anisotropic"] = Field(
+        "isotropic", description="npt_mtk: isotropic scales the cell uniformly (shape kept); anisotropic "
+        "lets all six independent cell components (lengths and angles) fluctuate, without rotation.",
     )
 
 

@@ -549,6 +549,7 @@ class ALScheduler(SchedulerCheckpoint):
         state.atoms.set_positions(trajectory.checkpoint.get_positions())
         state.atoms.set_cell(trajectory.checkpoint.get_cell())
         state.atoms.set_momenta(maxwell_boltzmann(state.atoms, state.md.temperature_K, state.rng))
+        state.cell_momentum = state.barostat_chain = None  # the restored cell starts at rest (MTK)
         state.invalidate_forces()
         self.events.emit("rewind", trajectory=trajectory.index, step=state.step)
         self._set_status(trajectory, Status.RUNNING)

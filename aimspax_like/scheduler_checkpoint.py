@@ -32,7 +32,8 @@ class SchedulerCheckpoint:
             md = t.md
             trajectories.append({
                 "index": t.index, "atoms": atoms_to_arrays(md.atoms), "momenta": md.atoms.get_momenta(),
-                "step": md.step, "chain": None if md.chain is None else md.chain.copy(),
+                "step": md.step, "chain": _copy(md.chain),
+                "barostat_chain": _copy(md.barostat_chain), "cell_momentum": _copy(md.cell_momentum),
                 "rng": md.rng.bit_generator.state, "status": t.status.value,
                 "checkpoint": atoms_to_arrays(t.checkpoint),
                 "epochs_for_point": t.epochs_for_point, "labels_done": t.labels_done,
@@ -78,6 +79,8 @@ class SchedulerCheckpoint:
             md.atoms.set_momenta(saved["momenta"])
             md.step = saved["step"]
             md.chain = saved["chain"]
+            md.barostat_chain = saved.get("barostat_chain")  # MTK's barostat (absent: at rest)
+            md.cell_momentum = saved.get("cell_momentum")
             md.rng.bit_generator.state = saved["rng"]
             md.invalidate_forces()
             t.status = Status(saved["status"])
@@ -105,3 +108,7 @@ class SchedulerCheckpoint:
             extra = self.analysis.load_state_dict(state["analysis"], found)
             counts["analysis_adopted"], counts["analysis_resubmitted"] = extra["adopted"], extra["resubmitted"]
         return counts
+
+
+def _copy(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else array.copy()

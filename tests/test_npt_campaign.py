@@ -97,3 +97,65 @@ def test_the_campaign_says_it_switched_stress_labels_on(tmp_path, capsys):
     check_inputs(config)
     assert config.reference.compute_stress is True
     assert "note: reference.compute_stress switched on: al.md runs NPT" in capsys.readouterr().err
+
+
+class _EMTCommittee:
+    """Two identical 'members' that are EMT: forces and stresses, nothing to learn."""
+
+    def _calc(self, atoms):
+        probe = atoms.copy()
+        probe.calc = EMT()
+        return probe
+
+    def committee_forces(self, structures):
+        return [np.stack([self._calc(a).get_forces()] * 2) for a in structures]
+
+    def committee_stresses(self, structures):
+        return [np.stack([self._calc(a).get_stress(voigt=False)] * 2) for a in structures]
+
+    def add(self, frame):
+        pass
+
+    def train_round(self, epochs):
+        return []
+
+    def valid_force_mae(self):
+        return float("inf")
+
+
+def test_an_mtk_trajectory_checkpoints_its_barostat_and_continues_identically(tmp_path):
+    from aimspax_like.config import ALConfig, MDConfig
+    from aimspax_like.events import EventLog
+    from aimspax_like.execution import ThreadLabelExecutor
+    from aimspax_like.scheduler import ALScheduler
+
+    config = ALConfig(num_trajectories=1, check_every=5, warmup=100, max_md_steps=40, max_train_set_size=100,
+                      md=MDConfig(ensemble="npt_mtk", temperature_K=300, pressure_bar=1000.0, taup_fs=200.0))
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True)
+    cell.rattle(0.02, seed=2)
+
+    def scheduler(folder):
+        events = EventLog(folder / "events.jsonl")
+        made = ALScheduler(config, _EMTCommittee(), executor, lambda *a: None, events, {"kind": "emt"},
+                           folder / "labels", train_set_size=lambda: 0, seed=4)
+        made.add_trajectory(cell)
+        return made, events
+
+    with ThreadLabelExecutor(max_workers=1) as executor:
+        first, log1 = scheduler(tmp_path)
+        for _ in range(20):
+            first._step_running()
+        state = first.state_dict()
+        saved = state["trajectories"][0]
+        assert saved["cell_momentum"] is not None and saved["barostat_chain"] is not None
+        second, log2 = scheduler(tmp_path / "b")
+        second.load_state_dict(state, is_stored=lambda provenance: None)
+        for _ in range(10):
+            first._step_running()
+            second._step_running()
+        a, b = first.trajectories[0].md, second.trajectories[0].md
+        np.testing.assert_allclose(b.atoms.get_positions(), a.atoms.get_positions(), atol=1e-10)
+        np.testing.assert_allclose(b.atoms.cell.array, a.atoms.cell.array, atol=1e-10)
+        np.testing.assert_allclose(b.cell_momentum, a.cell_momentum, atol=1e-10)
+        log1.close()
+        log2.close()

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 from ase import units
 
+from aimspax_like.sampling import mtk
 from aimspax_like.sampling import thermostats as th
 from aimspax_like.sampling.state import (
     BAROSTAT_NOISE,
@@ -149,7 +150,8 @@ class Batch:
             return np.array([getattr(s.md, name) for s in states], dtype=float)
 
         self.dt = setting("timestep_fs") * units.fs
-        self.half_dt_atom = 0.5 * self.dt[self.system][:, None]
+        verlet = np.array([s.md.ensemble != mtk.ENSEMBLE for s in states])  # MTK has its own step
+        self.half_dt_atom = np.where(verlet, 0.5 * self.dt, 0.0)[self.system][:, None]
         self.kT = setting("temperature_K") * units.kB
         self.taut = setting("taut_fs") * units.fs
         kinds = [THERMOSTAT[s.md.ensemble] for s in states]
@@ -161,8 +163,9 @@ class Batch:
         self.bussi_decay = np.exp(-self.bussi.param(self.dt) / self.bussi.param(self.taut))
         self.nose_hoover = _Group(self, [i for i, k in enumerate(kinds) if k == "nose_hoover"])
         self._init_chains()
-        self.npt = _Group(self, [i for i, s in enumerate(states) if s.needs_stress])
+        self.npt = _Group(self, [i for i, s in enumerate(states) if s.md.ensemble in BAROSTAT_NOISE])
         self._init_barostat(setting)
+        self.mtk = mtk.MTKSystems(_Group(self, [i for i, k in enumerate(kinds) if k == "mtk"]), self)
 
     def _init_langevin(self, gamma: np.ndarray) -> None:
         """Per-atom O-step factors: ``p <- c1 p + c2 sqrt(m kT) R``."""
@@ -198,20 +201,27 @@ class Batch:
             and all(map(operator.is_, (s.atoms.arrays["positions"] for s in states), self.position_views))
             and all(map(operator.is_, (s.atoms.arrays.get("momenta") for s in states), self.momentum_views))
             and all(map(operator.is_, (s.chain for s in self.nose_hoover.states), self.chain_views))
+            and self.mtk.views_intact()
         )
 
     # ------------------------------------------------------------------ one step
 
     def step(self, force_fn: ForceFn, stress_fn: StressFn | None, max_atoms_per_call: AtomsPerCall) -> None:
         pressure = self._pressure() if self.npt else None
-        self._kick(self._mean_forces())
+        forces = self._mean_forces()
+        self._kick(forces)
         self.positions += self.half_dt_atom * self.momenta / self.masses
         self._thermostats()
         self.positions += self.half_dt_atom * self.momenta / self.masses
         if pressure is not None:
             self._barostat(pressure)
+        if self.mtk:
+            self.mtk.before_forces(forces)
         evaluate(self.states, force_fn, stress_fn, max_atoms_per_call)
-        self._kick(self._mean_forces())
+        forces = self._mean_forces()
+        self._kick(forces)
+        if self.mtk:
+            self.mtk.after_forces(forces)
         for state in self.states:
             state.step += 1
 

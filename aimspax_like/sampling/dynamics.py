@@ -10,11 +10,14 @@ prediction), optionally split into chunks of at most ``max_atoms_per_call`` atom
 One step is ``B A T A [barostat] F B``: half kick, half drift, a full-step thermostat, half
 drift, the NPT cell rescaling, one force evaluation, half kick. ``T`` is the Ornstein-Uhlenbeck
 step for ``langevin`` (BAOAB, Leimkuhler & Matthews), Bussi's stochastic velocity rescaling
-for ``bussi`` and ``npt_*``, a Nose-Hoover chain for ``nose_hoover`` and nothing for ``nve``
-(which leaves velocity Verlet). The thermostat splitting is symmetric (time-reversible, second
+for ``bussi``, ``npt_crescale`` and ``npt_berendsen``, a Nose-Hoover chain for ``nose_hoover``
+and nothing for ``nve`` (which leaves velocity Verlet). The thermostat splitting is symmetric (time-reversible, second
 order); the cell rescaling uses the pressure at the start of the step, first order in the
-barostat as GROMACS' C-rescale is, which is harmless for ``taup >> dt``. Every ensemble needs
-exactly one force evaluation per step.
+barostat as GROMACS' C-rescale is, which is harmless for ``taup >> dt``. ``npt_mtk``
+trajectories skip that sequence and take the Martyna-Tobias-Klein step of ``sampling.mtk``
+(both chains, cell and particle half kicks, an exact drift of positions and cell, the same
+force call, then the mirror image): deterministic, time-reversible, with a conserved extended
+energy (``MDState.conserved_energy``). Every ensemble needs exactly one force evaluation per step.
 
 What stays per trajectory in Python: each stochastic trajectory draws its noise from its own
 generator (so its path does not depend on which other trajectories share the batch, which

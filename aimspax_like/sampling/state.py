@@ -11,6 +11,7 @@ from ase import Atoms, units
 from ase.constraints import FixAtoms
 
 from aimspax_like.config import MDConfig
+from aimspax_like.sampling import mtk
 from aimspax_like.sampling import thermostats as th
 
 # A force call: structures in, committee forces out, one ``[n_members, n_atoms, 3]`` array per
@@ -23,9 +24,10 @@ StressFn = Callable[[list[Atoms]], list[np.ndarray]]
 
 # Which thermostat acts in the middle of the step, and which ensembles rescale the cell
 # (with the weight of the barostat noise: 1 samples NPT, 0 is Berendsen's weak coupling).
+# ``npt_mtk`` has its own chains at both ends of the step (``sampling.mtk``), none in the middle.
 THERMOSTAT: dict[str, str | None] = {
     "nve": None, "langevin": "langevin", "bussi": "bussi", "nose_hoover": "nose_hoover",
-    "npt_crescale": "bussi", "npt_berendsen": "bussi",
+    "npt_crescale": "bussi", "npt_berendsen": "bussi", "npt_mtk": "mtk",
 }
 BAROSTAT_NOISE: dict[str, float] = {"npt_crescale": 1.0, "npt_berendsen": 0.0}
 
@@ -46,6 +48,10 @@ class MDState:
     step: int = 0
     member_stress: np.ndarray | None = None  # [n_members, 3, 3], NPT trajectories only
     chain: np.ndarray | None = None  # Nose-Hoover chain [2, CHAIN_LENGTH]: eta, p_eta
+    # npt_mtk only (with ``chain`` for its particles): the barostat's chain [2, CHAIN_LENGTH]
+    # (xi, p_xi) and the symmetric barostat momentum [3, 3]; None means at rest.
+    barostat_chain: np.ndarray | None = None
+    cell_momentum: np.ndarray | None = None
     batch: Any = field(default=None, repr=False)  # the Batch whose buffers ``atoms`` views
 
     @property
@@ -55,7 +61,7 @@ class MDState:
 
     @property
     def needs_stress(self) -> bool:
-        return self.md.ensemble in BAROSTAT_NOISE
+        return self.md.ensemble in BAROSTAT_NOISE or self.md.ensemble == mtk.ENSEMBLE
 
     def invalidate_forces(self) -> None:
         """Forget cached forces (after a rewind or a model update)."""
@@ -71,13 +77,29 @@ class MDState:
         return 2.0 * kinetic / (degrees_of_freedom(self.atoms) * units.kB)
 
     def thermostat_energy(self) -> float:
-        """Energy held by a Nose-Hoover chain (0 otherwise); E_pot + E_kin + this is conserved."""
+        """Energy held by a Nose-Hoover chain (0 otherwise); E_pot + E_kin + this is conserved.
+
+        For ``npt_mtk`` it is the whole extension: both chains, the barostat's kinetic energy
+        and ``P_ext V``.
+        """
+        if self.md.ensemble == mtk.ENSEMBLE:
+            n_dof = np.array([degrees_of_freedom(self.atoms)], dtype=float)
+            return float(mtk.state_extra_energy([self], n_dof)[0])
         if self.chain is None or THERMOSTAT[self.md.ensemble] != "nose_hoover":
             return 0.0
         n_dof = np.array([degrees_of_freedom(self.atoms)], dtype=float)
         kT = np.array([units.kB * self.md.temperature_K])
         q = th.chain_masses(n_dof, kT, np.array([self.md.taut_fs * units.fs]))
         return float(th.chain_energy(self.chain[None], q, n_dof, kT)[0])
+
+    def conserved_energy(self, potential_energy: float | None = None) -> float:
+        """``E_pot + E_kin + thermostat_energy()``: constant up to integration error for ``nve``,
+        ``nose_hoover`` and ``npt_mtk`` (its drift measures the integrator). ``potential_energy``
+        defaults to the attached calculator's."""
+        if potential_energy is None:
+            potential_energy = self.atoms.get_potential_energy()
+        kinetic = 0.5 * float((self.atoms.get_momenta() ** 2 / self.masses).sum())
+        return float(potential_energy) + kinetic + self.thermostat_energy()
 
 
 def fixed_atoms(atoms: Atoms) -> np.ndarray:
