@@ -46,7 +46,7 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
 
     structures = read_structures(config.system.structures, config.system.index)
     numbers = {int(z) for atoms in structures for z in atoms.numbers}
-    check_reference_setup(config.reference.model_dump(mode="json"), numbers)
+    check_reference_setup(config.reference.model_dump(mode="json"), numbers, structures)
     if config.idg.enabled and config.idg.sampler == "foundation":
         model = config.idg.foundation_model or ""
         if not model.startswith(("mace-mp", "chgnet")) and not Path(model).is_file():

@@ -159,6 +159,38 @@ class AimsReference(_ReferenceBase):
     parameters: _FreeForm = Field(default_factory=dict, description="Extra control.in keys.")
 
 
+class CP2KReference(_ReferenceBase):
+    """Periodic DFT with CP2K (Quickstep, GPW) through one persistent cp2k_shell per worker."""
+
+    kind: Literal["cp2k"] = "cp2k"
+    command: str = Field(
+        "cp2k_shell", description="Command that starts CP2K in shell mode, e.g. 'cp2k.psmp --shell' "
+        "or on a cluster 'srun -n 64 cp2k.psmp --shell'; started once per worker and kept running.",
+    )
+    xc: str = Field("PBE", description="Functional (CP2K XC_FUNCTIONAL section name, e.g. PBE, BLYP).")
+    basis_set: str = Field("DZVP-MOLOPT-SR-GTH", description="Basis set name in basis_set_file, for every element.")
+    basis_set_file: str = Field("BASIS_MOLOPT", description="Basis set file (in data_dir unless absolute).")
+    pseudo_potential: str = Field(
+        "auto", description="Pseudopotential name in potential_file; 'auto': GTH-<xc> (GTH-PBE for others).",
+    )
+    potential_file: str = Field("GTH_POTENTIALS", description="Pseudopotential file (in data_dir unless absolute).")
+    cutoff_Ry: float = Field(400.0, gt=0, description="Plane-wave cutoff of the finest grid (Rydberg).")
+    kpoints: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=3, max_length=3, description="Monkhorst-Pack grid [n1, n2, n3]; null: Gamma point only.",
+    )
+    max_scf: int = Field(50, gt=0, description="SCF iterations at most; past it the label is scf_not_converged.")
+    eps_scf: float = Field(1e-6, gt=0, description="SCF convergence threshold (CP2K EPS_SCF).")
+    charge: int = 0
+    multiplicity: int = Field(1, ge=1, description="2S+1; above 1 runs unrestricted Kohn-Sham.")
+    smearing_K: float | None = Field(
+        None, gt=0, description="Fermi-Dirac smearing temperature (K) for metals; null: none (gapped systems).",
+    )
+    data_dir: _Path | None = Field(
+        None, description="Folder of the basis and potential files; null: $CP2K_DATA_DIR, beside the "
+        "executable, or /usr/share/cp2k.",
+    )
+
+
 class ImportReference(_ReferenceBase):
     kind: Literal["import"] = "import"
     path: str = Field(
@@ -175,7 +207,8 @@ class ImportReference(_ReferenceBase):
 
 
 ReferenceConfig = Annotated[
-    EMTReference | LJReference | XTBReference | PySCFReference | AimsReference | ImportReference,
+    EMTReference | LJReference | XTBReference | PySCFReference | AimsReference | CP2KReference
+    | ImportReference,
     Field(discriminator="kind"),
 ]
 

@@ -1,4 +1,4 @@
-"""Reference labels (EMT, LJ, xTB, PySCF, FHI-aims, or any imported ASE calculator).
+"""Reference labels (EMT, LJ, xTB, PySCF, FHI-aims, CP2K, or any imported ASE calculator).
 
 Everything here stays import-light: label workers import this package and must start fast, so
 torch, MACE, e3nn and Parsl are never imported, and tblite / PySCF only when a label uses them.

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ase import Atoms
 from ase.calculators.calculator import BaseCalculator
 from ase.data import chemical_symbols
 
@@ -66,6 +68,10 @@ def make_calculator(spec: dict[str, Any], workdir: str | Path) -> BaseCalculator
         from aimspax_like.reference.aims import make_aims_calculator
 
         return make_aims_calculator(spec, workdir)
+    if kind == "cp2k":
+        from aimspax_like.reference.cp2k import CP2KCalculator
+
+        return CP2KCalculator(spec, directory=str(workdir))
     if kind == "import":
         return _imported_calculator(spec)
     raise SetupError(f"unknown reference kind {kind!r}")
@@ -83,8 +89,11 @@ def supported_elements(spec: dict[str, Any]) -> frozenset[int] | None:
     return None
 
 
-def check_reference_setup(spec: dict[str, Any], numbers: set[int]) -> None:
-    """Raise ``ConfigError`` naming the config key to fix when this reference cannot run."""
+def check_reference_setup(spec: dict[str, Any], numbers: set[int], structures: Iterable[Atoms] | None = None) -> None:
+    """Raise ``ConfigError`` naming the config key to fix when this reference cannot run.
+
+    ``structures`` (optional) lets references that label periodic cells only (CP2K) say so now.
+    """
     kind = spec["kind"]
     allowed = supported_elements(spec)
     if allowed is not None:
@@ -99,6 +108,13 @@ def check_reference_setup(spec: dict[str, Any], numbers: set[int]) -> None:
             )
     if kind == "aims":
         _check_aims(spec, numbers)
+    if kind == "cp2k":
+        from aimspax_like.reference.cp2k import CP2KSetupProblem, check_cp2k_setup
+
+        try:
+            check_cp2k_setup(spec, set(numbers), structures)
+        except CP2KSetupProblem as exc:
+            raise ConfigError(f"reference.{exc.key}", exc.message) from None
     if kind == "import":
         _check_import(spec)
 

@@ -68,7 +68,7 @@ def label(
         return LabelFailure(FailureKind.CRASHED, f"cannot create workdir: {exc}", str(folder), 0.0)
     timeout_s = spec.get("timeout_s")
     try:
-        if timeout_s:
+        if timeout_s and spec["kind"] != "cp2k":  # CP2K times its persistent shell itself
             outcome = _run_with_timeout(geometry, spec, str(folder), fault, float(timeout_s), start)
         else:
             outcome = _run(geometry, spec, str(folder), fault)
@@ -97,6 +97,10 @@ def _run(atoms: Atoms, spec: dict[str, Any], workdir: str, fault: InjectedFault 
     """Run the calculation in this process; every exception becomes a classified failure."""
     want_stress = bool(spec.get("compute_stress")) and bool(all(atoms.pbc))
     try:
+        if spec["kind"] == "cp2k":  # one CP2K shell per worker; it applies faults and timeouts
+            from aimspax_like.reference.cp2k import run_cp2k
+
+            return _require_finite(run_cp2k(atoms, spec, workdir, want_stress, fault), len(atoms))
         if fault is not None:
             fault.apply()
         if spec["kind"] == "aims":
