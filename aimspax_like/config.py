@@ -465,6 +465,11 @@ class ALConfig(_Strict):
         "continue: it samples on while its labels run and training rounds interleave with sampling.",
     )
     labels_per_trajectory: int = Field(1, ge=1, description="Labels in flight per trajectory ('continue').")
+    stress_uncertainty: float | None = Field(
+        None, gt=0, description="Also label a checked frame of an NPT trajectory whose committee stress "
+        "disagreement (largest member standard deviation of a stress component, eV/A^3; 0.001 eV/A^3 = "
+        "0.16 GPa) exceeds this, whatever Eq. 1 says; null: Eq. 1 alone decides.",
+    )
     analysis_every: int | None = Field(
         None, ge=1, description="Ground-truth analysis points: label every trajectory's frame at each "
         "analysis_every-th MD step whatever its uncertainty, stored with origin 'analysis', never trained "

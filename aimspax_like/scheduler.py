@@ -56,7 +56,7 @@ from aimspax_like.labelling import Labeller, outcome_of
 from aimspax_like.reference.results import LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
 from aimspax_like.scheduler_checkpoint import SchedulerCheckpoint
-from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
+from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty, stress_uncertainty
 
 
 class Status(str, Enum):
@@ -325,7 +325,7 @@ class ALScheduler(SchedulerCheckpoint):
                                  delta=delta, limit=self.trust_factor * threshold)
                 self._rewind(trajectory)
                 continue
-            if delta > threshold and self._may_submit(trajectory):
+            if (delta > threshold or self._stress_uncertain(trajectory)) and self._may_submit(trajectory):
                 reason = self._predicted_energy_too_high(trajectory)
                 if reason:
                     # The committee places this frame far above the energies the system visits:
@@ -345,6 +345,18 @@ class ALScheduler(SchedulerCheckpoint):
         ):
             self.threshold.freeze()
             self.events.emit("threshold_frozen", value=self.threshold.value)
+
+    def _stress_uncertain(self, trajectory: Trajectory) -> bool:
+        """The optional stress trigger (``al.stress_uncertainty``), for trajectories with a barostat."""
+        limit, stresses = self.config.stress_uncertainty, trajectory.md.member_stress
+        if limit is None or stresses is None:
+            return False
+        spread = stress_uncertainty(stresses)
+        if spread <= limit:
+            return False
+        self.events.emit("stress_uncertain", trajectory=trajectory.index, step=trajectory.md.step,
+                         spread=spread, limit=limit)
+        return True
 
     def _predicted_energy_too_high(self, trajectory: Trajectory) -> str | None:
         """The energy gate applied to the committee's mean energy, before any reference call."""

@@ -41,6 +41,16 @@ def max_atomic_uncertainty(forces: np.ndarray) -> float:
     return float(atomic_force_std(forces).max())
 
 
+def stress_uncertainty(stresses: np.ndarray) -> float:
+    """The committee's stress disagreement of one cell: the largest standard deviation over members
+    of any of the 9 stress components (eV/A^3). ``stresses [n_members, 3, 3]``.
+
+    Eq. 1 looks at atoms only; a cell whose virial the members disagree on can pass it while its
+    barostat is driven by a poorly known stress (solids under NPT).
+    """
+    return float(np.asarray(stresses, dtype=float).reshape(len(stresses), 9).std(axis=0).max())
+
+
 def max_atomic_uncertainty_per_system(forces: np.ndarray, system_idx: np.ndarray, n_systems: int) -> np.ndarray:
     """Eq. 1 for every system of a batch at once (``forces [M, n_atoms_total, 3]``)."""
     per_atom = atomic_force_std(forces)

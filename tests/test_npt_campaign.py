@@ -18,7 +18,7 @@ from campaign_helpers import tiny_config
 
 from aimspax_like.campaign import run_campaign
 from aimspax_like.config import config_from_dict
-from aimspax_like.data import DatasetStore
+from aimspax_like.data import DatasetStore, LabelledFrame
 from aimspax_like.events import read_events
 
 NPT = {"ensemble": "npt_crescale", "temperature_K": 300, "pressure_bar": 1.0, "taup_fs": 100.0,
@@ -159,3 +159,51 @@ def test_an_mtk_trajectory_checkpoints_its_barostat_and_continues_identically(tm
         np.testing.assert_allclose(b.cell_momentum, a.cell_momentum, atol=1e-10)
         log1.close()
         log2.close()
+
+
+class _StressSplitCommittee(_EMTCommittee):
+    """Members agree on every force (Eq. 1 is zero) but not on the stress."""
+
+    def committee_stresses(self, structures):
+        shift = np.diag([0.004, 0.0, 0.0])  # eV/A^3 on xx: member spread 0.004 > the limit below
+        return [np.stack([s[0] + shift, s[1] - shift]) for s in super().committee_stresses(structures)]
+
+
+def _stress_trigger_run(folder, limit):
+    """One NPT trajectory of ``_StressSplitCommittee`` under ``al.stress_uncertainty = limit``; its log."""
+    from aimspax_like.config import ALConfig, MDConfig
+    from aimspax_like.events import EventLog
+    from aimspax_like.execution import ThreadLabelExecutor
+    from aimspax_like.scheduler import ALScheduler
+
+    md = MDConfig(ensemble="npt_crescale", temperature_K=300, compressibility_per_bar=1e-5, taup_fs=100.0)
+    config = ALConfig(num_trajectories=1, check_every=2, warmup=2, max_md_steps=12, max_train_set_size=100,
+                      stress_uncertainty=limit, md=md)
+    stored: list[LabelledFrame] = []
+
+    def sink(atoms, result, provenance):
+        stored.append(LabelledFrame.from_atoms(atoms, result.energy, result.forces, result.stress,
+                                               split="train", **provenance))
+        return stored[-1]
+
+    events = EventLog(folder / "events.jsonl")
+    with ThreadLabelExecutor(max_workers=1) as executor:
+        scheduler = ALScheduler(config, _StressSplitCommittee(), executor, sink, events,
+                                {"kind": "emt", "compute_stress": True}, folder / "labels",
+                                train_set_size=lambda: 0, seed=1)
+        scheduler.add_trajectory(bulk("Cu", "fcc", a=3.61, cubic=True))
+        scheduler.run()
+    events.close()
+    return read_events(folder / "events.jsonl")
+
+
+def test_the_optional_stress_trigger_labels_frames_eq1_would_not(tmp_path):
+    from aimspax_like.uncertainty import stress_uncertainty
+
+    assert stress_uncertainty(np.stack([np.eye(3) * 0.001, -np.eye(3) * 0.001])) == pytest.approx(0.001)
+    off = _stress_trigger_run(tmp_path / "off", None)
+    on = _stress_trigger_run(tmp_path / "on", 0.001)
+    assert not [e for e in off if e["event"] in ("label_submitted", "stress_uncertain")]  # Eq. 1 alone: nothing
+    triggers = [e for e in on if e["event"] == "stress_uncertain"]
+    assert triggers and all(e["spread"] == pytest.approx(0.004) for e in triggers)
+    assert [e for e in on if e["event"] == "label_submitted"]
