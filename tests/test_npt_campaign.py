@@ -207,3 +207,17 @@ def test_the_optional_stress_trigger_labels_frames_eq1_would_not(tmp_path):
     triggers = [e for e in on if e["event"] == "stress_uncertain"]
     assert triggers and all(e["spread"] == pytest.approx(0.004) for e in triggers)
     assert [e for e in on if e["event"] == "label_submitted"]
+
+
+def test_idg_with_a_foundation_model_samples_npt_and_labels_stress(npt_campaign, tmp_path, parsl_executor):
+    """The NPT campaign's own model stands in for MACE-MP-0: it drives NPT MD, workers label with stress."""
+    run, _ = npt_campaign
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    config = tiny_config(tmp_path, idg={"sampler": "foundation", "foundation_model": str(run / "models/best.model"),
+                                        "md": NPT, "desired_acc": 10.0, "desired_acc_scale": 1.0})
+    write(tmp_path / "cluster.xyz", cell)
+    run_campaign(config_from_dict(config), phases=("idg",), executor=parsl_executor)
+    frames = DatasetStore.open(tmp_path / "run/data/dataset.h5").frames(origin="idg")
+    volumes = [f.to_atoms().get_volume() for f in frames]
+    assert len(frames) >= 6 and np.ptp(volumes) > 0
+    assert all(f.stress is not None and np.all(np.isfinite(f.stress)) for f in frames)
