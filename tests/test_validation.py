@@ -139,6 +139,14 @@ def test_test_file_with_custom_keys_and_temperature_groups(finished_campaign, tm
     assert again["errors"]["all"]["force_mae"] == pytest.approx(hand["forces"][0], rel=1e-6)
     assert [r["temperature_K"] for r in again["errors"]["per_temperature"]] == [None]
 
+    # Errors alone need no start structures: a run whose structure file has moved still validates.
+    config = (run / "campaign.yaml").read_text()
+    moved = config.replace(str(finished_campaign[0].parent / "cluster.xyz"), str(tmp_path / "moved.xyz"))
+    assert moved != config
+    (run / "campaign.yaml").write_text(moved)
+    assert main(["validate", str(run), "--test", str(tmp_path / "plain.xyz"), "--no-stability", "--no-rdf",
+                 "--quiet"]) == 0
+
 
 @pytest.mark.parametrize("extra", [["--energy-key", "DFT_energy"], ["--forces-key", "DFT_forces"],
                                    ["--stress-key", "DFT_stress"]])
@@ -191,6 +199,9 @@ def test_full_validate_with_stability_and_rdf(finished_campaign, tmp_path, capsy
     assert f"report      {run / 'report' / 'index.html'}" in out
     page = (run / "report" / "index.html").read_text()
     assert "stable" in page and page.count("data:image/png;base64,") >= len(report["figures"]) + 1
+    # A later validation without an RDF leaves no stale RDF figure behind.
+    assert main(["validate", str(run), "--no-stability", "--no-rdf", "--quiet"]) == 0
+    assert not (run / "report" / "validation_rdf.png").exists()
 
 
 def test_rdf_reference_md_in_process_when_test_frames_are_not_reference_md(finished_campaign, tmp_path):

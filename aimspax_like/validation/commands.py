@@ -55,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--rdf-temperature", type=float, help="temperature of the RDF comparison (K)")
     validate.add_argument("--reference-md", action="store_true",
                           help="run reference MD for the RDF even with an expensive reference (pyscf, aims)")
-    validate.add_argument("--seed", type=int, default=0, help="seed of the MD velocities and noise (default: 0)")
+    validate.add_argument("--seed", type=int, help="seed of the MD velocities and noise (default: the run's seed)")
     validate.add_argument("--device", help="torch device for the model (default: the run's model.device)")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ class ValidateOptions:
     rdf_temperature: float | None = None  # default: the AL temperature if validated at, else the first
     rdf_every: int = 10  # model-MD frames for the RDF: one every this many steps, after the first 10 %
     reference_md: bool = False  # run reference MD for the RDF even for expensive references
-    seed: int = 0
+    seed: int | None = None  # default: the run's seed
     device: str | None = None  # default: the run's model.device
     dtype: str | None = None  # default: the run's model.dtype
     on_progress: Callable[[str], None] | None = None
@@ -106,7 +106,10 @@ def read_inputs(run_dir: Path, options: ValidateOptions) -> Inputs:
                               options.temperature_key)
     else:
         test = run_test_set(run_dir)
-    starts = read_structures(config.system.structures, config.system.index)
+    # The start structures seed the MD of the stability runs and the RDF; errors alone need none
+    # (a --test file validates a model even where the run's structure files have moved).
+    needs_md = options.stability or options.rdf
+    starts = read_structures(config.system.structures, config.system.index) if needs_md else []
     if options.temperatures:
         temperatures = [float(t) for t in options.temperatures]
     else:
@@ -160,6 +163,8 @@ def validate_run(run_dir: Path, options: ValidateOptions | None = None) -> Valid
     timings: dict[str, float] = {}
     start = time.perf_counter()
     inputs = read_inputs(Path(run_dir), options)
+    if options.seed is None:  # the run's own seed, so that a rerun repeats the same MD
+        options = replace(options, seed=int(inputs.config.seed))
     device = options.device or str(inputs.config.model.device)
     dtype = options.dtype or str(inputs.config.model.dtype)
     model = load_model(inputs.model_path, device=device, dtype=dtype)
@@ -197,6 +202,8 @@ def validate_run(run_dir: Path, options: ValidateOptions | None = None) -> Valid
     }
     report_dir = inputs.run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
+    if all(name != RDF_FILE for name, _, _ in figures):  # no stale RDF of an earlier validation
+        (report_dir / RDF_FILE).unlink(missing_ok=True)
     written = [draw(report_dir / name) for name, draw, _ in figures]
     written.append(write_json(report_dir / JSON_FILE, report))
     timings["total"] = time.perf_counter() - start
