@@ -58,7 +58,8 @@ def _radii(atoms: Atoms) -> np.ndarray:
     return covalent_radii[atoms.numbers]
 
 
-def _pair_distances(atoms: Atoms, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+def bond_lengths(atoms: Atoms, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Distances of the atom pairs ``(i[k], j[k])`` (minimum image along periodic directions)."""
     vectors = atoms.positions[j] - atoms.positions[i]
     if atoms.pbc.any():
         from ase.geometry import find_mic
@@ -79,7 +80,7 @@ def start_bonds(start: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pairs = sorted(set(zip(i.tolist(), j.tolist(), strict=True)))
     i = np.array([p[0] for p in pairs], dtype=int)
     j = np.array([p[1] for p in pairs], dtype=int)
-    return i, j, _pair_distances(start, i, j) if len(i) else np.zeros(0)
+    return i, j, bond_lengths(start, i, j) if len(i) else np.zeros(0)
 
 
 class FiniteGuard:
@@ -133,7 +134,7 @@ class CloseContactGuard:
 
     def _stretched(self, atoms: Atoms) -> str | None:
         if len(self.i):
-            length = _pair_distances(atoms, self.i, self.j)
+            length = bond_lengths(atoms, self.i, self.j)
             ratio = length / self.length0
             worst = int(np.argmax(ratio))
             if ratio[worst] > self.stretch:

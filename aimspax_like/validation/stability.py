@@ -39,21 +39,12 @@ from ase import Atoms
 from ase.data import covalent_radii
 from ase.neighborlist import natural_cutoffs, neighbor_list
 
-from aimspax_like.guards import BOND_FACTOR, NON_METALS
+from aimspax_like.guards import BOND_FACTOR, NON_METALS, bond_lengths
 
 MAX_BOND_A = 2.0  # the paper's limit for bonded atoms
 BOND_STRETCH_FACTOR = 1.5  # bonds with a metal atom: this times max(start length, covalent-radius sum)
 MIN_DISTANCE_FACTOR = 0.6  # solids: the AL guards' close-contact factor
 VOLUME_FACTOR = 1.5  # solids: the AL guards' volume factor
-
-
-def _distances(atoms: Atoms, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    vectors = atoms.positions[j] - atoms.positions[i]
-    if atoms.pbc.any():
-        from ase.geometry import find_mic
-
-        vectors, _ = find_mic(vectors, atoms.cell, atoms.pbc)
-    return np.linalg.norm(vectors, axis=1)
 
 
 @dataclass
@@ -89,7 +80,7 @@ class StabilityCriterion:
             i, j = neighbor_list("ij", start, natural_cutoffs(start, mult=BOND_FACTOR))
             keep = i < j
             i, j = i[keep], j[keep]
-            length0 = _distances(start, i, j)
+            length0 = bond_lengths(start, i, j)
             radii = covalent_radii[start.numbers]
             covalent = np.isin(start.numbers[i], list(NON_METALS)) & np.isin(start.numbers[j], list(NON_METALS))
             metal_limit = bond_stretch_factor * np.maximum(length0, radii[i] + radii[j])
@@ -119,7 +110,7 @@ class StabilityCriterion:
         if self.periodic:
             return self._check_solid(atoms)
         if len(self.i):
-            lengths = _distances(atoms, self.i, self.j)
+            lengths = bond_lengths(atoms, self.i, self.j)
             over = lengths > self.limit
             if over.any():
                 k = int(np.argmax(lengths - self.limit))
