@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from ase import units
@@ -53,19 +53,28 @@ def atoms_per_call(device: str | None = None) -> int | None:
     return CPU_ATOMS_PER_CALL if str(device).startswith("cpu") else None
 
 
-def chunks(states: Sequence[MDState], max_atoms: int | None) -> list[list[MDState]]:
-    """Consecutive groups of at most ``max_atoms`` atoms (a larger structure goes alone)."""
+T = TypeVar("T")
+
+
+def chunks(
+    items: Sequence[T], max_atoms: int | None, n_atoms: Callable[[T], int] = lambda state: len(state.atoms)
+) -> list[list[T]]:
+    """Consecutive groups of at most ``max_atoms`` atoms (a larger structure goes alone).
+
+    ``items`` are MD states by default; ``n_atoms`` tells the size of anything else (validation
+    chunks frame indices with it).
+    """
     if max_atoms is None:
-        return [list(states)]
-    groups: list[list[MDState]] = []
-    current: list[MDState] = []
+        return [list(items)]
+    groups: list[list[T]] = []
+    current: list[T] = []
     size = 0
-    for state in states:
-        n = len(state.atoms)
+    for item in items:
+        n = n_atoms(item)
         if current and size + n > max_atoms:
             groups.append(current)
             current, size = [], 0
-        current.append(state)
+        current.append(item)
         size += n
     if current:
         groups.append(current)

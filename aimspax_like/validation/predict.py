@@ -16,6 +16,7 @@ import numpy as np
 from ase import Atoms
 
 from aimspax_like.errors import SetupError
+from aimspax_like.sampling.batch import chunks
 
 # Frames per forward pass when evaluating a test set: large enough to share the call overhead,
 # small enough that a test set of big cells does not hold every graph in memory at once.
@@ -53,7 +54,7 @@ def predict(ensemble, atoms_list: Sequence[Atoms], stress: Sequence[bool] | None
     energies: list[float] = []
     forces: list[np.ndarray] = []
     stresses: list[np.ndarray | None] = []
-    for chunk in _chunks(list(range(len(atoms_list))), [len(a) for a in atoms_list]):
+    for chunk in chunks(list(range(len(atoms_list))), ATOMS_PER_CALL, lambda i: len(atoms_list[i])):
         frames = [atoms_list[i] for i in chunk]
         need_stress = any(wanted[i] for i in chunk)
         graph = ensemble.graphs.md_batch(frames, ensemble.device)
@@ -70,21 +71,6 @@ def predict(ensemble, atoms_list: Sequence[Atoms], stress: Sequence[bool] | None
             else:
                 stresses.append(None)
     return Predictions(np.asarray(energies, dtype=float), forces, stresses)
-
-
-def _chunks(indices: list[int], sizes: list[int]) -> list[list[int]]:
-    groups: list[list[int]] = []
-    current: list[int] = []
-    total = 0
-    for i in indices:
-        if current and total + sizes[i] > ATOMS_PER_CALL:
-            groups.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += sizes[i]
-    if current:
-        groups.append(current)
-    return groups
 
 
 def force_fn(ensemble):  # -> ForceFn
