@@ -25,17 +25,18 @@ labelled or stored again.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 
+from aimspax_like.analysis.correlation import pearson_r
 from aimspax_like.committee import Committee
 from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import CampaignInterrupted, ConfigError
+from aimspax_like.ground_truth import true_force_error
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
 from aimspax_like.uncertainty import max_atomic_uncertainty
@@ -109,25 +110,15 @@ def committee_errors(committee: Committee, atoms: list[Atoms], member: int) -> d
     for s, frame in enumerate(atoms):
         forces = prediction.forces_of(s)  # [M, n_atoms, 3]
         uncertainty.append(max_atomic_uncertainty(forces))
-        reference = frame.arrays["REF_forces"]
-        error.append(float(np.linalg.norm(forces.mean(axis=0) - reference, axis=1).max()))
+        error.append(true_force_error(forces.mean(axis=0), frame.arrays["REF_forces"]))
     return {
         "frames": len(atoms),
         "final": members[member],
         "members": members,
-        "uncertainty_error_r": pearson(uncertainty, error),
+        "uncertainty_error_r": pearson_r(uncertainty, error, min_points=2),
         "mean_uncertainty": float(np.mean(uncertainty)),
         "mean_max_force_error": float(np.mean(error)),
     }
-
-
-def pearson(x: list[float], y: list[float]) -> float | None:
-    """Pearson's r, or None where it is undefined (fewer than two frames, a constant series)."""
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()) or a.std() == 0 or b.std() == 0:
-        return None
-    r = float(np.corrcoef(a, b)[0, 1])
-    return max(-1.0, min(1.0, r)) if math.isfinite(r) else None
 
 
 # --------------------------------------------------------------------------- sampling

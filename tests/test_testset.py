@@ -12,6 +12,7 @@ from ase.calculators.emt import EMT
 from campaign_helpers import tiny_cluster, tiny_config
 
 import aimspax_like.models.foundation as foundation
+from aimspax_like.analysis.correlation import pearson_r
 from aimspax_like.analysis.summary import render
 from aimspax_like.campaign import run_campaign
 from aimspax_like.committee import Committee
@@ -24,7 +25,6 @@ from aimspax_like.models.ensemble import MACEEnsemble
 from aimspax_like.sampling.ase_md import StridedSampler
 from aimspax_like.testset import (
     check_test_set,
-    pearson,
     run_test_set,
     sampler_kind,
     temperature_of,
@@ -184,9 +184,14 @@ def test_default_temperatures_and_sampler(tmp_path):
 
 
 def test_pearson_is_none_where_undefined():
+    # The test set's uncertainty-error r: two frames are enough (min_points=2).
+    def pearson(x, y):
+        return pearson_r(x, y, min_points=2)
+
     assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
     assert pearson([1.0], [2.0]) is None
     assert pearson([1.0, 1.0], [2.0, 3.0]) is None
+    assert pearson([1.0, float("nan")], [2.0, 3.0]) is None
 
 
 def test_a_test_set_sampled_again_reuses_the_stored_frames(campaign, parsl_executor):

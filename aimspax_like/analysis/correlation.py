@@ -17,16 +17,17 @@ from aimspax_like.analysis.series import AnalysisPoints
 MIN_POINTS = 3  # fewer points make any r meaningless (two points always give |r| = 1)
 
 
-def pearson_r(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Pearson's r of two samples; None for fewer than ``MIN_POINTS`` or a constant sample."""
+def pearson_r(x: np.ndarray, y: np.ndarray, min_points: int = MIN_POINTS) -> float | None:
+    """Pearson's r of two samples, within [-1, 1]; None for fewer than ``min_points`` (at least 2),
+    samples of different lengths, a non-finite value or a constant sample."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < MIN_POINTS or len(x) != len(y):
+    if len(x) < max(2, min_points) or len(x) != len(y) or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return None
     dx, dy = x - x.mean(), y - y.mean()
     norm = float(np.sqrt((dx * dx).sum() * (dy * dy).sum()))
     if norm == 0.0 or not np.isfinite(norm):
         return None
-    return float((dx * dy).sum() / norm)
+    return max(-1.0, min(1.0, float((dx * dy).sum() / norm)))
 
 
 def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
