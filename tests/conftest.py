@@ -20,6 +20,15 @@ from aimspax_like.config import LocalCluster
 from aimspax_like.execution import ParslLabelExecutor
 
 
+@pytest.fixture(autouse=True)
+def _close_event_logs() -> Iterator[None]:
+    """Close the event logs a test opened with ``log_helpers.open_event_log``."""
+    from log_helpers import close_event_logs
+
+    yield
+    close_event_logs()
+
+
 @pytest.fixture(scope="session")
 def parsl_executor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ParslLabelExecutor]:
     """One started two-worker Parsl label executor for the whole session, workers warm.

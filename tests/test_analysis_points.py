@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from log_helpers import open_event_log
 
 from aimspax_like.config import ALConfig, MDConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import CampaignInterrupted
-from aimspax_like.events import EventLog, read_events
+from aimspax_like.events import read_events
 from aimspax_like.execution import ThreadLabelExecutor
 from aimspax_like.ground_truth import true_force_error
 from aimspax_like.scheduler import ALScheduler
@@ -57,19 +58,8 @@ def executor():
         yield started
 
 
-_open_logs: list[EventLog] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_logs():
-    yield
-    while _open_logs:
-        _open_logs.pop().close()
-
-
 def _scheduler(tmp_path, config: ALConfig, executor, should_stop=None, delay_s: float = 0.0):
-    events = EventLog(tmp_path / "events.jsonl")
-    _open_logs.append(events)
+    events = open_event_log(tmp_path / "events.jsonl")
     stored: list[LabelledFrame] = []
 
     def sink(atoms, result, provenance):

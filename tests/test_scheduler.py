@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from log_helpers import open_event_log
 from state_helpers import assert_same_state
 
 from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.config import ALConfig, MDConfig
 from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import CampaignInterrupted
-from aimspax_like.events import EventLog, read_events
+from aimspax_like.events import read_events
 from aimspax_like.execution import ThreadLabelExecutor
 from aimspax_like.reference.results import FailureKind, LabelFailure, LabelResult
 from aimspax_like.scheduler import ALScheduler, Status
@@ -76,19 +77,8 @@ def _cluster(seed: int):
     return atoms
 
 
-_open_logs: list[EventLog] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_logs():
-    yield
-    while _open_logs:
-        _open_logs.pop().close()
-
-
 def _make(tmp_path, config: ALConfig, faults=None, committee=None, workers=2, executor=None, should_stop=None):
-    events = EventLog(tmp_path / "events.jsonl")
-    _open_logs.append(events)
+    events = open_event_log(tmp_path / "events.jsonl")
     stored: list[LabelledFrame] = []
 
     def sink(atoms, result, provenance):
