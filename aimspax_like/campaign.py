@@ -81,15 +81,14 @@ def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> str | None:
 
     Returns the first config block that runs NPT (None: no NPT anywhere).
     """
-    blocks = [("idg.md", config.idg.md), ("test_set.md", config.test_set.md)]
-    blocks += [(f"al.md[{k}]" if isinstance(config.al.md, list) else "al.md", config.al.md_for(k))
-               for k in range(config.al.num_trajectories)]
-    for key, md in blocks:
+    idg, test = [("idg.md", config.idg.md)], [("test_set.md", config.test_set.md)]
+    al = [(f"al.md[{k}]" if isinstance(config.al.md, list) else "al.md", config.al.md_for(k))
+          for k in range(config.al.num_trajectories)]
+    for key, md in idg + test + al:
         if md.ensemble.startswith("npt") and not all(a.pbc.all() for a in structures):
             raise ConfigError(f"{key}.ensemble", f"{md.ensemble} needs periodic cells in every start structure")
-    used = [("idg.md", config.idg.md)] if config.idg.enabled else []
-    used += [(key, md) for key, md in blocks[2:] if config.al.enabled]
-    used += [("test_set.md", config.test_set.md)] if config.test_set.size else []
+    used = ((idg if config.idg.enabled else []) + (al if config.al.enabled else [])
+            + (test if config.test_set.size else []))
     return next((key for key, md in used if md.ensemble.startswith("npt")), None)
 
 

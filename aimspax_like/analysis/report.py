@@ -25,7 +25,8 @@ from aimspax_like.analysis.summary import render
 NO_ANALYSIS = ("No analysis points in this run, so there is no plot of true error against uncertainty: "
                "set al.analysis_every to label a frame every K MD steps whatever its uncertainty.")
 # Why a figure is missing, by file name (its function had nothing to draw).
-MISSING = {
+# Why a figure is absent, told on the page; None: its absence needs no word.
+MISSING: dict[str, str | None] = {
     "trajectories.png": "No active-learning uncertainty check logged yet: no per-trajectory plot.",
     "error_vs_uncertainty.png": NO_ANALYSIS,
     "correlation_segments.png": "Too few analysis points for a correlation per stretch of the run (16 or more "
@@ -34,6 +35,7 @@ MISSING = {
     "labels_and_workers.png": "No label logged yet: no plot of labels over time.",
     "wall_time.png": "No driver run logged: no wall-time plot.",
     "failures_and_guards.png": "No reference calculation failed and no guard fired: nothing to plot.",
+    "cell_volumes.png": None,  # only periodic cells have one: nothing to explain for molecules
 }
 
 
@@ -106,10 +108,9 @@ def _figures(record: RunRecord, folder: Path) -> tuple[list[FigureFile], list[st
         figure = draw(record, path)
         if figure is None:
             path.unlink(missing_ok=True)
-            if name == "cell_volumes.png":  # only periodic cells have one: nothing to explain for molecules
-                continue
-            if name != "correlation_segments.png" or len(series.analysis_points(record.events)):
-                notes.append(MISSING.get(name, f"{name}: nothing to draw."))
+            note = MISSING.get(name, f"{name}: nothing to draw.")
+            if note and (name != "correlation_segments.png" or len(series.analysis_points(record.events))):
+                notes.append(note)
         else:
             written.append(figure)
     return written, notes
