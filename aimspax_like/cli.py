@@ -77,10 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--line", action="store_true", help="print the status as one plain line")
     report = sub.add_parser("report", help="write report/ of a run: figures, summary.md and index.html")
     report.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
-    from aimspax_like.validation.commands import add_parsers as add_validation_parsers
+    import importlib
 
-    add_validation_parsers(sub)  # validate, testset
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parsers(sub)
     return parser
+
+
+# Modules that bring their own subcommands: each has ``COMMANDS`` (the names it registers),
+# ``add_parsers(sub)`` and ``run(args) -> exit code``. They import nothing heavy at top level.
+COMMAND_MODULES = (
+    "aimspax_like.validation.commands",  # validate, testset
+)
+
+
+def _module_of(command: str) -> str | None:
+    import importlib
+
+    return next((m for m in COMMAND_MODULES if command in importlib.import_module(m).COMMANDS), None)
 
 
 PHASES_OF = {"run": ("idg", "al", "converge"), "idg": ("idg",), "al": ("al",), "converge": ("converge",)}
@@ -283,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "report":
             return _report(args)
-        if args.command in ("validate", "testset"):
-            from aimspax_like.validation.commands import run as run_validation
+        module = _module_of(args.command)
+        if module is not None:
+            import importlib
 
-            return run_validation(args)
+            return int(importlib.import_module(module).run(args))
         if args.command == "schema":
             from aimspax_like.config import json_schema
 

@@ -51,6 +51,7 @@ def crystal(rng: np.random.Generator, **prov) -> LabelledFrame:
         "member": 2,
         "reference": "0000000000003e12",
         "label_wall_s": 12.5,
+        "source": "/data/études/earlier run.xyz#17",
         **prov,
     }
     return LabelledFrame.from_atoms(
@@ -86,7 +87,33 @@ def test_round_trip_preserves_every_field(tmp_path, rng):
         assert_same(a, b)
     assert reopened.frames()[0].stress is None
     with h5py.File(tmp_path / "data.h5", "r") as h5:
-        assert h5.attrs["format_version"] == 1 and h5.attrs["n_frames"] == 3
+        assert h5.attrs["format_version"] == 2 and h5.attrs["n_frames"] == 3
+
+
+def test_a_format_1_store_reads_without_sources_and_is_upgraded_by_the_next_write(tmp_path, rng):
+    path = tmp_path / "old.h5"
+    store = DatasetStore.create(path)
+    store.extend([molecule(rng), crystal(rng, source="")])
+    with h5py.File(path, "r+") as h5:  # what a store written before sources existed looks like
+        del h5["source"]
+        h5.attrs["format_version"] = 1
+    old = DatasetStore.open(path)
+    assert [f.source for f in old.frames()] == ["", ""]
+    old.append(molecule(rng, source="x.xyz#3"))
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["format_version"] == 2 and h5["source"].shape[0] >= 3
+    assert [f.source for f in DatasetStore.open(path).frames()] == ["", "", "x.xyz#3"]
+
+
+def test_source_tag_fits_the_store_and_keeps_the_file_name():
+    from aimspax_like.data.frames import SOURCE_BYTES, source_tag
+
+    assert source_tag("a/b.xyz", 4) == "a/b.xyz#4"
+    long = "/scratch/" + "deep/" * 80 + "frames.xyz"
+    tag = source_tag(long, 12345)
+    assert len(tag.encode()) <= SOURCE_BYTES and tag.startswith("...") and tag.endswith("frames.xyz#12345")
+    with pytest.raises(ValueError, match="source must fit"):
+        LabelledFrame.from_atoms(Atoms("H"), 0.0, np.zeros((1, 3)), split="train", origin="import", source=long)
 
 
 def test_ragged_sizes_and_extend(tmp_path, rng):
@@ -130,7 +157,7 @@ def test_filters_and_counts(tmp_path, rng):
     assert store.counts() == {
         "total": 5,
         "split": {"train": 3, "valid": 1, "test": 1, "held": 0, "analysis": 0},
-        "origin": {"idg": 3, "al": 1, "test": 1, "analysis": 0},
+        "origin": {"idg": 3, "al": 1, "test": 1, "analysis": 0, "import": 0},
     }
     atoms = store.atoms(split="test")
     assert len(atoms) == 1 and atoms[0].info["origin"] == "test"

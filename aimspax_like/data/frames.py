@@ -22,11 +22,14 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 # "held": a label stored but kept out of training (see ``label_gate``) until the data reach it.
 SPLITS = ("train", "valid", "test", "held", "analysis")
-ORIGINS = ("idg", "al", "test", "analysis")
+# "import": a frame read from a user's labelled dataset (``import_data``), not labelled here.
+ORIGINS = ("idg", "al", "test", "analysis", "import")
 
 # Provenance written into ``atoms.info`` by ``to_atoms``; the store and extxyz share this list.
 PROVENANCE_KEYS = ("split", "origin", "trajectory", "md_step", "uncertainty", "member",
-                   "reference", "label_wall_s", "created")
+                   "reference", "label_wall_s", "created", "source")
+
+SOURCE_BYTES = 256  # the store's fixed width of ``source`` (UTF-8)
 
 # Reference settings that change how a label is run but never its numbers.
 _NON_NUMERIC_KEYS = frozenset({"timeout_s", "keep_workdir"})
@@ -51,7 +54,9 @@ class LabelledFrame:
     ``member`` is the ensemble member whose training subset the frame belongs to (IDG hands
     different frames to different members); -1 means every member trains on it. ``reference``
     is ``reference_fingerprint`` of the settings that produced the label, so frames labelled
-    with different settings are never silently mixed.
+    with different settings are never silently mixed. ``source`` says where a frame came from
+    when it was not labelled by this campaign's own sampling: ``<file>#<index>`` for an imported
+    frame, ``<dataset.h5>#<index>`` for a frame relabelled from another run (``source_tag``).
     """
 
     numbers: np.ndarray
@@ -70,6 +75,7 @@ class LabelledFrame:
     reference: str = ""
     label_wall_s: float = math.nan
     created: float = field(default_factory=time.time)
+    source: str = ""
 
     def __post_init__(self) -> None:
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1).copy()
@@ -94,6 +100,9 @@ class LabelledFrame:
         self.label_wall_s = float(self.label_wall_s)
         self.created = float(self.created)
         self.reference = str(self.reference)
+        self.source = str(self.source)
+        if len(self.source.encode("utf-8")) > SOURCE_BYTES:
+            raise ValueError(f"source must fit {SOURCE_BYTES} bytes of UTF-8 (use source_tag), got {self.source!r}")
         self.check_finite()
 
     def check_finite(self) -> None:
@@ -149,10 +158,23 @@ class LabelledFrame:
         atoms.arrays["REF_forces"] = self.forces.copy()
         for key in PROVENANCE_KEYS:
             atoms.info[key] = getattr(self, key)
-        if not self.reference:
-            # An empty value would corrupt the extxyz comment line ASE writes from this info.
-            del atoms.info["reference"]
+        for key in ("reference", "source"):
+            if not getattr(self, key):
+                # An empty value would corrupt the extxyz comment line ASE writes from this info.
+                del atoms.info[key]
         return atoms
+
+
+def source_tag(path: Any, index: int) -> str:
+    """``<path>#<index>``, the ``source`` of a frame taken from a file; a path too long for the
+    store keeps its end (the file name and the folders nearest to it), after a leading '...'."""
+    suffix = f"#{int(index)}"
+    text = str(path)
+    room = SOURCE_BYTES - len(suffix.encode()) - 3
+    encoded = text.encode("utf-8")
+    if len(encoded) > room + 3:
+        text = "..." + encoded[-room:].decode("utf-8", errors="ignore")
+    return text + suffix
 
 
 def reference_fingerprint(spec: Mapping[str, Any] | Any) -> str:

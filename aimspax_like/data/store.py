@@ -7,7 +7,8 @@ loses nothing. The frame counter attribute ``n_frames`` is written last and read
 not dataset lengths, so rows left behind by a write that died half-way are ignored and later
 overwritten.
 
-Layout (format_version 1): per-atom arrays (``numbers``, ``positions``, ``forces``) are
+Layout (format_version 2; a format-1 store, which lacks ``source``, reads with empty sources
+and is upgraded in place by the first write): per-atom arrays (``numbers``, ``positions``, ``forces``) are
 concatenated along axis 0 in resizable chunked datasets; each frame points into them with
 ``atom_offset``/``n_atoms``. Everything else is one row per frame; a missing stress is stored as
 NaNs with ``has_stress`` false. Only one process may write at a time (the campaign); readers
@@ -27,10 +28,11 @@ import h5py
 import numpy as np
 from ase import Atoms
 
-from aimspax_like.data.frames import ORIGINS, SPLITS, LabelledFrame
+from aimspax_like.data.frames import ORIGINS, SOURCE_BYTES, SPLITS, LabelledFrame
 from aimspax_like.errors import SetupError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 # Fixed-length ASCII, not variable-length strings: HDF5 puts each write session's vlen strings
 # in a fresh 4 KiB global-heap collection, which, with one session per append, grew the file by
@@ -51,10 +53,12 @@ _PER_FRAME: dict[str, tuple[Any, tuple[int, ...]]] = {
     "stress": (np.float64, (6,)),
     "has_stress": (np.bool_, ()),
     **{name: (h5py.string_dtype("ascii", width), ()) for name, width in _STR_WIDTH.items()},
+    "source": (h5py.string_dtype("utf-8", SOURCE_BYTES), ()),
     **{name: (np.int64, ()) for name in ("trajectory", "md_step", "member")},
     **{name: (np.float64, ()) for name in ("uncertainty", "label_wall_s", "created")},
 }
 _CHUNK_ROWS = {"atom": 2048, "frame": 512}
+_ADDED_IN_2 = ("source",)  # columns a format-1 store lacks
 _STRING_FIELDS = tuple(_STR_WIDTH)
 _SCALAR_FIELDS = ("trajectory", "md_step", "uncertainty", "member", "label_wall_s", "created")
 _LOCK_WAIT_S = 10.0
@@ -150,14 +154,14 @@ class DatasetStore:
         version = h5.attrs.get("format_version")
         if version is None or "n_frames" not in h5.attrs:
             raise SetupError(f"{self.path}: HDF5 file is not a dataset store (no format_version)")
-        if int(version) != FORMAT_VERSION:
+        if int(version) not in _READABLE_VERSIONS:
             raise SetupError(f"{self.path}: dataset store format_version {version}, "
-                             f"this engine reads {FORMAT_VERSION}")
-        missing = [name for name in (*_PER_ATOM, *_PER_FRAME) if name not in h5]
+                             f"this engine reads {', '.join(map(str, _READABLE_VERSIONS))}")
+        missing = [name for name in (*_PER_ATOM, *_PER_FRAME) if name not in h5 and name not in _ADDED_IN_2]
         if missing:
             raise SetupError(f"{self.path}: damaged dataset store, missing {', '.join(missing)}")
         n = int(h5.attrs["n_frames"])
-        if n < 0 or any(h5[name].shape[0] < n for name in _PER_FRAME):
+        if n < 0 or any(h5[name].shape[0] < n for name in _PER_FRAME if name in h5):
             raise SetupError(f"{self.path}: damaged dataset store, n_frames={n} exceeds its data")
 
     @contextlib.contextmanager
@@ -200,12 +204,31 @@ class DatasetStore:
         try:
             try:
                 self._check(h5)
+                if int(h5.attrs["format_version"]) < FORMAT_VERSION:
+                    self._upgrade(h5)
             except _H5_ERRORS as exc:
                 raise self._unreadable(exc) from None
             yield h5
         finally:
             h5.close()
         fsync_path(self.path)
+
+    @staticmethod
+    def _upgrade(h5: h5py.File) -> None:
+        """Format 1 -> 2: add the ``source`` column, empty for the frames already stored.
+
+        Written before the version attribute, so a write that dies half-way leaves a format-1
+        store that upgrades again next time.
+        """
+        n = int(h5.attrs["n_frames"])
+        for name in _ADDED_IN_2:
+            if name in h5:
+                del h5[name]
+            dtype, shape = _PER_FRAME[name]
+            h5.create_dataset(name, shape=(n, *shape), maxshape=(None, *shape), dtype=dtype,
+                              chunks=(_CHUNK_ROWS["frame"], *shape))
+        h5.flush()
+        h5.attrs["format_version"] = FORMAT_VERSION
 
     def append(self, frame: LabelledFrame) -> int:
         """Store one frame durably and return its index."""
@@ -236,6 +259,7 @@ class DatasetStore:
         for name in _STRING_FIELDS:
             per_frame[name] = np.array([_ascii(getattr(f, name), name) for f in batch],
                                        dtype=f"S{_STR_WIDTH[name]}")
+        per_frame["source"] = np.array([f.source.encode("utf-8") for f in batch], dtype=_PER_FRAME["source"][0])
         for name in _SCALAR_FIELDS:
             per_frame[name] = np.array([getattr(f, name) for f in batch], dtype=_PER_FRAME[name][0])
         with self._writer() as h5:
@@ -299,9 +323,11 @@ class DatasetStore:
         if len(index) == 0:
             return []
         lo, hi = int(index[0]), int(index[-1]) + 1
-        col = {name: h5[name][lo:hi] for name in _PER_FRAME if name not in _STRING_FIELDS}
+        col = {name: h5[name][lo:hi] for name in _PER_FRAME if name not in (*_STRING_FIELDS, "source")}
         for name in _STRING_FIELDS:
             col[name] = h5[name].asstr()[lo:hi]
+        col["source"] = (h5["source"].asstr()[lo:hi] if "source" in h5
+                         else np.full(hi - lo, "", dtype=object))  # a format-1 store
         a_lo = int(col["atom_offset"][index[0] - lo])
         a_hi = int(col["atom_offset"][index[-1] - lo] + col["n_atoms"][index[-1] - lo])
         atoms_cols = {name: h5[name][a_lo:a_hi] for name in _PER_ATOM}
@@ -317,7 +343,7 @@ class DatasetStore:
                 energy=float(col["energy"][i]),
                 forces=atoms_cols["forces"][s],
                 stress=col["stress"][i] if col["has_stress"][i] else None,
-                **{name: col[name][i] for name in (*_STRING_FIELDS, *_SCALAR_FIELDS)},
+                **{name: col[name][i] for name in (*_STRING_FIELDS, *_SCALAR_FIELDS, "source")},
             ))
         return out
 
