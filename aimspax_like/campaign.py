@@ -29,7 +29,7 @@ from ase import Atoms
 
 from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunContext, RunPaths
-from aimspax_like.data import DatasetStore, export_extxyz
+from aimspax_like.data import DatasetStore, LabelledFrame, export_extxyz, reference_fingerprint
 from aimspax_like.errors import CampaignInterrupted, ConfigError, RunDirectoryError, SetupError
 from aimspax_like.events import EventLog
 from aimspax_like.run_lock import LOCK_NAME, RunLock
@@ -54,8 +54,9 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
     from aimspax_like.testset import check_test_set
 
     check_test_set(config)
-    if not config.idg.enabled and not config.al.enabled and config.converge.enabled:
-        raise ConfigError("converge.enabled", "nothing to train on: idg and al are both disabled")
+    if not config.idg.enabled and not config.al.enabled and config.converge.enabled and not config.import_data:
+        raise ConfigError("converge.enabled", "nothing to train on: idg and al are both disabled and no "
+                          "import_data is given")
     if config.reference.compute_stress and not all(a.pbc.all() for a in structures):
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
     npt = _check_npt(config, structures)
@@ -74,6 +75,28 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
         print(f"note: reference.compute_stress switched on: {npt} runs NPT, whose barostat needs the "
               "committee trained on stresses", file=sys.stderr)
     return structures
+
+
+def check_start(config: CampaignConfig, structures: list[Atoms]) -> list[LabelledFrame]:
+    """The imported frames (``import_data``), read and checked, and the start models checked.
+
+    Before anything is written: an unreadable file, a missing label key, a start model that
+    does not know an element, and training data of two references (the provenance guard) are
+    refused here in one line.
+    """
+    from aimspax_like.data.imports import read_imports
+    from aimspax_like.data.provenance import check_one_reference
+
+    imported = read_imports(config, reference_fingerprint(config.reference))
+    check_one_reference([f for f in imported if f.split in ("train", "valid")],
+                        allow_mixed=config.training.allow_mixed_references,
+                        campaign_reference=reference_fingerprint(config.reference))
+    if config.model.start_from:
+        from aimspax_like.start import load_start_members
+
+        numbers = sorted({int(z) for a in [*structures, *imported] for z in a.numbers})
+        load_start_members(config, numbers)
+    return imported
 
 
 def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> str | None:
@@ -242,13 +265,14 @@ def run_campaign(
     the live status display); ``on_progress`` gets the phases' progress dicts.
     """
     structures = check_inputs(config)
+    imported = check_start(config, structures)
     root = Path(config.output.directory)
     created = _make_root(root)
     lock = RunLock(root)
     try:
         lock.acquire()
         return _run_locked(config, structures, phases, overwrite, on_progress, executor, resume, should_stop,
-                           on_event)
+                           on_event, imported)
     finally:
         lock.release()
         if created and root.is_dir() and not any(root.iterdir()):
@@ -285,6 +309,7 @@ def _run_locked(
     resume: bool,
     should_stop: Callable[[], int] | None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    imported: list[LabelledFrame] | None = None,
 ) -> dict[str, Any]:
     from aimspax_like.analysis.summary import build_summary, write_summary
     from aimspax_like.execution import make_label_executor
@@ -311,6 +336,10 @@ def _run_locked(
                      should_stop=should_stop or (lambda: 0))
     events.emit("campaign_start", phases=list(phases), directory=str(paths.root), resume=resume)
     try:
+        if imported:
+            from aimspax_like.start import store_imports
+
+            store_imports(ctx, imported)
         with executor if owned else nullcontext():
             if config.system.relax:
                 from aimspax_like.structures import relaxed_start_structures
@@ -339,6 +368,8 @@ def _run_locked(
                 results["final_valid"] = [errors["force_mae"] for errors in final]
                 if any(errors["stress_mae"] == errors["stress_mae"] for errors in final):  # not all NaN
                     results["final_valid_stress"] = [errors["stress_mae"] for errors in final]
+            if committee is not None:
+                results["systems"] = _systems(ctx, committee, results)
         summary = build_summary(ctx, results)
         write_summary(paths.report, summary)
         _write_report(ctx)
@@ -355,6 +386,16 @@ def _run_locked(
             events.emit("campaign_end", wall_s=ctx.clock.elapsed, seconds=dict(ctx.clock.seconds))
         finally:
             events.close()
+
+
+def _systems(ctx: RunContext, committee: Any, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Labels and the final model's valid and test errors per chemical system (``analysis.systems``)."""
+    from aimspax_like.analysis.systems import system_table
+    from aimspax_like.events import read_events
+
+    member = results.get("converge", {}).get("best_member", committee.best_member())
+    return system_table(ctx.structures, ctx.store.frames(), read_events(ctx.paths.events),
+                        evaluate=lambda atoms: committee.trainer.evaluate(member, atoms))
 
 
 def _write_report(ctx: RunContext) -> None:
@@ -390,6 +431,10 @@ def _skip_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, 
     from aimspax_like.committee import Committee
 
     ctx.events.emit("phase_skipped", phase=phase, key=f"{phase}.enabled")
+    if phase == "idg" and (ctx.config.import_data or ctx.config.model.start_from):
+        from aimspax_like.idg import train_on_imports
+
+        return train_on_imports(ctx)
     if phase == "idg":
         numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
         committee = Committee.from_data(ctx.config, ctx.store.frames(), numbers)

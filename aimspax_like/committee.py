@@ -64,6 +64,18 @@ class Committee:
         return committee
 
     @classmethod
+    def from_members(cls, config: CampaignConfig, members: list[Any], frames: list[LabelledFrame]) -> Committee:
+        """A committee of given MACE modules (``model.start_from``), in the config's device and dtype."""
+        from mace.tools import AtomicNumberTable
+
+        table = AtomicNumberTable([int(z) for z in members[0].atomic_numbers])
+        ensemble = MACEEnsemble(members, table, float(members[0].r_max), config.model.device, config.model.dtype,
+                                config.member_seeds())
+        committee = cls(ensemble, EnsembleTrainer(ensemble, config.training, config.al.max_epochs_per_point))
+        committee.add_all(frames)
+        return committee
+
+    @classmethod
     def from_files(
         cls, config: CampaignConfig, model_paths: list[Path], frames: list[LabelledFrame]
     ) -> Committee:

@@ -110,6 +110,36 @@ class SystemConfig(_Strict):
         return [value] if isinstance(value, str | Path) else value
 
 
+class ImportSource(_Strict):
+    """A labelled dataset a campaign starts from (extended XYZ or an ASE database)."""
+
+    path: _Path = Field(description="Extended XYZ file (.xyz/.extxyz) or ASE database (.db), relative to the "
+                        "config file.")
+    energy_key: str = Field("REF_energy", description="atoms.info key of the energy; falls back to the "
+                            "calculator results ASE read (plain 'energy').")
+    forces_key: str = Field("REF_forces", description="atoms.arrays key of the forces (fallback: 'forces').")
+    stress_key: str = Field("REF_stress", description="atoms.info key of the stress, where labelled "
+                            "(fallback: 'stress').")
+    reference: str = Field(
+        examples=["campaign", "file", "PBE/tight FHI-aims"],
+        description="Which level of theory labelled the frames: 'campaign' (exactly this campaign's "
+        "reference settings), 'file' (the frames' own 'reference' key, as this engine exports them), "
+        "or a name of your choosing. Frames of another level than the campaign's reference are not "
+        "trained on together with its labels unless training.allow_mixed_references is true.",
+    )
+    valid_ratio: float = Field(0.1, ge=0, lt=1, description="Share of validation frames among frames "
+                               "without a 'split' key of train/valid.")
+    shared: bool = Field(False, description="false: training frames are dealt to the members in disjoint "
+                         "subsets (as IDG frames are); true: every member trains on all of them.")
+
+    @field_validator("reference")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name the level of theory ('campaign', 'file' or a name)")
+        return value
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -206,9 +236,22 @@ class ImportReference(_ReferenceBase):
         return value
 
 
+class MACEReference(_ReferenceBase):
+    """A MACE model file as the reference (aims-PAX's teacher reference).
+
+    For method studies and tests: a campaign that learns a known model costs no DFT, and its
+    true errors are known everywhere. The label workers load the file once per process.
+    """
+
+    kind: Literal["mace"] = "mace"
+    model: _Path = Field(examples=["teacher.model"], description="MACE model file (relative to the config file).")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the label workers evaluate the model.")
+    dtype: Literal["float32", "float64"] = Field("float64", description="Precision the model is evaluated in.")
+
+
 ReferenceConfig = Annotated[
     EMTReference | LJReference | XTBReference | PySCFReference | AimsReference | CP2KReference
-    | ImportReference,
+    | ImportReference | MACEReference,
     Field(discriminator="kind"),
 ]
 
@@ -245,13 +288,27 @@ class ModelConfig(_Strict):
         False, description="Add MACE's ZBL short-range pair repulsion to every member: atoms repel "
         "at short range even where no training frame was.",
     )
+    start_from: list[str] | None = Field(
+        None, description="Start every member from existing MACE weights instead of fresh ones: one "
+        "model file for all members (fine-tuning, e.g. a foundation model file), one file per member "
+        "(an earlier ensemble), or 'mace-mp-0[-small|-medium|-large]' (needs the internet once). The "
+        "files' architecture replaces this section's; their E0s are refitted to the data.",
+    )
     dtype: Literal["float32", "float64"] = Field("float64", description="float32 is faster on GPUs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when torch sees one.")
+
+    @field_validator("start_from", mode="before")
+    @classmethod
+    def _one_or_many_models(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Path) else value
 
     @model_validator(mode="after")
     def _seeds_match(self) -> ModelConfig:
         if self.seeds is not None and len(self.seeds) != self.ensemble_size:
             raise ValueError(f"seeds has {len(self.seeds)} entries, ensemble_size is {self.ensemble_size}")
+        if self.start_from is not None and len(self.start_from) not in (1, self.ensemble_size):
+            raise ValueError(f"start_from has {len(self.start_from)} files: give one for all members or one per "
+                             f"member ({self.ensemble_size})")
         return self
 
 
@@ -271,6 +328,10 @@ class TrainingConfig(_Strict):
     )
     batch_size: int = Field(5, ge=1)
     valid_batch_size: int = Field(20, ge=1)
+    allow_mixed_references: bool = Field(
+        False, description="Train on frames labelled by different references (different reference "
+        "fingerprints or declared levels of theory) together; refused by default.",
+    )
 
 
 class ConvergeConfig(_Strict):
@@ -356,6 +417,15 @@ class IDGConfig(_Strict):
     hot_start_factor: float = Field(
         2.0, gt=1, description="Warn when IDG MD of a start structure runs hotter than this x its "
         "target temperature: the structure is far from a minimum (relax it: system.relax).",
+    )
+    trajectories_per_structure: int | None = Field(
+        None, ge=1, description="Reference-driven IDG MD trajectories per start structure, each run in "
+        "segments of 'stride' steps on the label workers; null: enough to keep every worker busy "
+        "(label workers // start structures, at least 1).",
+    )
+    converge: bool = Field(
+        False, description="Train every member to convergence (converge.patience, converge.max_epochs) "
+        "at the end of IDG, before active learning: a stronger initial committee explores less wildly.",
     )
     md: MDConfig = Field(default_factory=MDConfig)
 
@@ -454,6 +524,11 @@ class ALConfig(_Strict):
         2, ge=1, description="Epochs per new point; also the epochs without improvement before an optimizer reset."
     )
     max_train_set_size: int = Field(200, ge=1)
+    train_set_counts: Literal["shared", "per_member"] = Field(
+        "shared", description="What max_train_set_size counts. shared: the shared training set, IDG "
+        "frames of every member included; per_member (aims-PAX's rule): each member's own IDG training "
+        "frames plus the shared AL ones, and AL stops when the largest member's count reaches the budget.",
+    )
     desired_acc: float | None = Field(
         None, gt=0, description="Stop AL when the valid force MAE (eV/A) drops below this; null: never."
     )
@@ -681,6 +756,10 @@ class OutputConfig(_Strict):
 
 class CampaignConfig(_Strict):
     system: SystemConfig
+    import_data: list[ImportSource] = Field(
+        default_factory=list, description="Labelled datasets to start from, stored with origin 'import' "
+        "before IDG (which then adds to them, or is switched off).",
+    )
     reference: ReferenceConfig = Field(description="Who labels the frames.")
     faults: FaultInjection | None = Field(None, description="Failure injection (tests and benchmarks); null: off.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -842,7 +921,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "MDConfig", "list[MDConfig]", "local", "slurm"}
+_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "mace", "MDConfig", "list[MDConfig]", "local", "slurm"}
 
 
 def _what(data: Any) -> str:
@@ -873,12 +952,34 @@ def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
 
 
 def load_config(path: str | Path) -> CampaignConfig:
-    """Read and validate a campaign YAML; relative structure paths resolve against its folder."""
+    """Read and validate a campaign YAML; relative structure paths resolve against its folder.
+
+    So do a ``mace`` reference's model file, an ``idg.foundation_model`` file found there, the
+    ``import_data`` files and the ``model.start_from`` files.
+    """
     path = Path(path)
     config = config_from_dict(_read_yaml(path), source=str(path))
     base = path.resolve().parent
     config.system.structures = [p if p.is_absolute() else base / p for p in config.system.structures]
+    if isinstance(config.reference, MACEReference) and not config.reference.model.is_absolute():
+        config.reference.model = base / config.reference.model
+    foundation = config.idg.foundation_model
+    if foundation and not Path(foundation).is_absolute() and (base / foundation).is_file():
+        # A model file beside the config (a converted aims-PAX folder) is found from any folder;
+        # anything else (a MACE-MP name, a path from the working folder) is left as written.
+        config.idg.foundation_model = str(base / foundation)
+    for source in config.import_data:
+        source.path = source.path if source.path.is_absolute() else base / source.path
+    if config.model.start_from is not None:
+        config.model.start_from = [_resolve_model(name, base) for name in config.model.start_from]
     return config
+
+
+def _resolve_model(name: str, base: Path) -> str:
+    """A model file relative to the config's folder; foundation names stay as they are."""
+    if name.startswith(("mace-mp", "chgnet")) or Path(name).is_absolute():
+        return name
+    return str(base / name)
 
 
 def json_schema() -> dict[str, Any]:

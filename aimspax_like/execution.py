@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from parsl.providers import SlurmProvider
 
     from aimspax_like.config import LocalCluster, SlurmCluster
+    from aimspax_like.reference.md_segment import SegmentRequest
     from aimspax_like.reference.results import LabelOutcome
 
 EventHook = Callable[[str, dict[str, Any]], None]
@@ -114,6 +115,25 @@ class LabelExecutor(abc.ABC):
         """
         return self._submit(atoms.copy(), dict(spec), workdir, dict(faults) if faults else None, seed)
 
+    def submit_segment(
+        self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None = None, seed: int | None = None,
+        request: SegmentRequest | None = None,
+    ) -> Future:
+        """Queue a stretch of reference-driven MD (``reference.md_segment``) on a worker.
+
+        The future's result is a ``SegmentResult`` or a ``LabelFailure``, with the same
+        guarantees as a label's: the reference never runs in the driver process.
+        """
+        return self._submit_segment(atoms.copy(), dict(spec), workdir, dict(faults) if faults else None, seed,
+                                    request)
+
+    @abc.abstractmethod
+    def _submit_segment(
+        self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None, seed: int | None,
+        request: SegmentRequest | None,
+    ) -> Future:
+        """Backend part of ``submit_segment``."""
+
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Block until a worker can take a label; False if ``timeout`` seconds passed first."""
         return True
@@ -154,6 +174,16 @@ class ThreadLabelExecutor(LabelExecutor):
         if self._pool is None:
             raise RuntimeError("ThreadLabelExecutor.submit before start()")
         return self._pool.submit(label, atoms, spec, workdir, faults=faults, seed=seed)
+
+    def _submit_segment(
+        self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None, seed: int | None,
+        request: SegmentRequest | None,
+    ) -> Future:
+        from aimspax_like.reference.md_segment import run_segment
+
+        if self._pool is None:
+            raise RuntimeError("ThreadLabelExecutor.submit_segment before start()")
+        return self._pool.submit(run_segment, atoms, spec, workdir, faults=faults, seed=seed, request=request)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -220,14 +250,15 @@ class ParslLabelExecutor(LabelExecutor):
         """Parsl ``Config`` scaling options; the local pool is one fixed block (Parsl's default)."""
         return {}
 
-    def _label_function(self) -> Callable[..., Any]:
-        """What the 'label' app runs on a worker; its value goes through ``_unpack``."""
+    def _task_functions(self) -> dict[str, Callable[..., Any]]:
+        """What the 'label' and 'md_segment' apps run on a worker; values go through ``_unpack``."""
         from aimspax_like.reference.label import label
+        from aimspax_like.reference.md_segment import run_segment
 
-        return label
+        return {"label": label, "md_segment": run_segment}
 
     def _unpack(self, value: Any, workdir: str) -> LabelOutcome:
-        """The ``LabelOutcome`` in what ``_label_function`` returned (here: the value itself)."""
+        """The outcome in what a task function returned (here: the value itself)."""
         return value
 
     def _build_htex(self) -> HighThroughputExecutor:
@@ -285,7 +316,7 @@ class ParslLabelExecutor(LabelExecutor):
         # The app functions are module-level functions (``label`` itself, or this module's light
         # wrappers): workers unpickle them by reference and so import aimspax_like.reference
         # (and this module) only, never torch or MACE.
-        for name, fn in (("label", self._label_function()), ("worker_report", worker_report)):
+        for name, fn in (*self._task_functions().items(), ("worker_report", worker_report)):
             self._apps[name] = parsl.python_app(fn, executors=[self.LABEL], data_flow_kernel=self._dfk)
         self._started_at = time.perf_counter()
         info = {"n_workers": self.n_workers, "run_dir": self._dfk.run_dir}
@@ -299,6 +330,16 @@ class ParslLabelExecutor(LabelExecutor):
     def _submit(
         self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None, seed: int | None
     ) -> Future:
+        return self._submit_app("label", workdir, atoms, spec, workdir, faults=faults, seed=seed)
+
+    def _submit_segment(
+        self, atoms: Atoms, spec: dict, workdir: str, faults: dict | None, seed: int | None,
+        request: SegmentRequest | None,
+    ) -> Future:
+        return self._submit_app("md_segment", workdir, atoms, spec, workdir, faults=faults, seed=seed,
+                                request=request)
+
+    def _submit_app(self, app: str, workdir: str, *args: Any, **kwargs: Any) -> Future:
         """Chain Parsl's AppFuture into a plain Future that we own and settle.
 
         Owning it lets a lost worker become ``LabelFailure(CRASHED)`` like any other crash,
@@ -326,7 +367,7 @@ class ParslLabelExecutor(LabelExecutor):
                 else:
                     outcome.set_exception(exc)
 
-        self._run("label", atoms, spec, workdir, faults=faults, seed=seed).add_done_callback(settle)
+        self._run(app, *args, **kwargs).add_done_callback(settle)
         return outcome
 
     def _forget(self, future: Future) -> None:
@@ -618,8 +659,10 @@ class SlurmLabelExecutor(ParslLabelExecutor):
             "strategy_period": executor.strategy_period_s,
         }
 
-    def _label_function(self) -> Callable[..., Any]:
-        return label_with_placement
+    def _task_functions(self) -> dict[str, Callable[..., Any]]:
+        from aimspax_like.reference.md_segment import segment_with_placement
+
+        return {"label": label_with_placement, "md_segment": segment_with_placement}
 
     def _unpack(self, value: Any, workdir: str) -> LabelOutcome:
         outcome, placement = value

@@ -6,19 +6,29 @@ random subset, and trains every member ``intermediate_epochs`` epochs without re
 its weights. It stops at ``max_epochs`` epochs, ``max_set_size`` labelled frames, or when the
 mean validation force MAE drops below ``desired_acc * desired_acc_scale``.
 
-With ``sampler: reference`` the reference drives the MD in this process and every
-``stride``-th frame keeps the reference's own energy and forces (they were computed anyway).
-With ``sampler: foundation`` a foundation model drives the MD and the frames go to the label
-workers in parallel.
+With ``sampler: reference`` the reference drives the MD, in segments of ``stride`` steps run
+as tasks on the label workers (``reference_md``), never in the driver; every segment's last
+frame keeps the reference's own energy and forces (they were computed anyway). Several start
+structures (a folder of molecules or cells) each get ``trajectories_per_structure`` trajectories
+of their own, all running side by side. With ``sampler: foundation`` a foundation model drives
+the MD here and the frames go to the label workers in parallel.
+
+Imported frames (``import_data``) and start models (``model.start_from``) enter through
+``start.initial_committee``: the committee trains on imported and IDG frames together.
+``idg.converge`` trains every member to convergence at the end (the paper does so for its
+perovskite before AL).
 
 Resume. IDG is not checkpointed mid-phase: an interrupted IDG starts again from the frames it
 already stored in ``dataset.h5``. The committee is rebuilt (fresh weights) from those frames and
-the round loop runs again with its full epoch budget; the sampler replays its (seeded) MD and
-skips every frame whose (structure, MD step) is already stored, so no stored frame is labelled
-or stored twice. Only the MD and the training are repeated, never a reference label.
+the round loop runs again with its full epoch budget. Reference MD continues every trajectory
+from its newest stored frame (fresh velocities); foundation MD replays its seeded MD and skips
+every frame whose (trajectory, MD step) is already stored. No stored frame is labelled or stored
+twice.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -28,9 +38,12 @@ from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
 from aimspax_like.errors import CampaignInterrupted
+from aimspax_like.models.calibration import refit_atomic_energies
 from aimspax_like.probe import ProbeResult, probe_committee
 from aimspax_like.reference.results import LabelResult
+from aimspax_like.reference_md import ReferenceMD, resume_starts
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
+from aimspax_like.start import initial_committee
 
 
 class MemberDealer:
@@ -47,16 +60,19 @@ class MemberDealer:
         return self._order.pop()
 
 
-def _reference_sampler(ctx: RunContext) -> StridedSampler:
-    from aimspax_like.reference.calculators import make_calculator
+def trajectories_per_structure(ctx: RunContext) -> int:
+    """``idg.trajectories_per_structure``, or enough to keep every label worker busy."""
+    given = ctx.config.idg.trajectories_per_structure
+    if given is not None:
+        return given
+    return max(1, ctx.labeller.n_workers // len(ctx.structures))
 
-    workdir = ctx.paths.labels / "idg_md"
-    return StridedSampler(
-        ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), ctx.config.idg.md,
-        ctx.config.idg.stride, seed=ctx.config.seed,
-        on_failure=lambda i, exc: ctx.labeller.reference_md_failed("idg", exc, structure=i),
-        on_success=ctx.labeller.reference_md_succeeded, with_stress=ctx.config.reference.compute_stress,
-    )
+
+def _reference_sampler(ctx: RunContext) -> ReferenceMD:
+    """Reference MD on the workers, continuing each trajectory from its newest stored frame."""
+    starts = resume_starts(ctx.structures, trajectories_per_structure(ctx), ctx.store.frames(origin="idg"))
+    return ReferenceMD(ctx.labeller, "idg", starts, ctx.config.idg.md, ctx.config.idg.stride, seed=ctx.config.seed,
+                       should_stop=ctx.should_stop)
 
 
 def _foundation_sampler(ctx: RunContext) -> StridedSampler:
@@ -74,6 +90,7 @@ class IDGPhase:
         self.config = ctx.config.idg
         self.n_members = ctx.config.model.ensemble_size
         self.frames: list[LabelledFrame] = ctx.store.frames(origin="idg")  # kept from an interrupted run
+        self.imported: list[LabelledFrame] = ctx.store.frames(origin="import")
         self.splits = SplitCounter(self.config.valid_ratio, start=len(self.frames))
         self.dealer = MemberDealer(self.n_members, np.random.default_rng(ctx.config.seed + 7 + len(self.frames)))
         self.epochs = 0
@@ -92,8 +109,7 @@ class IDGPhase:
             self._check_stop()
             new = self.frames if committee is None and self.frames else self._collect_round(sampler)
             if committee is None:
-                numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
-                committee = Committee.from_data(ctx.config, self.frames, numbers)
+                committee = initial_committee(ctx, self.imported + self.frames)
             else:
                 committee.add_all(new)
             with ctx.clock.measure("training"):
@@ -112,6 +128,8 @@ class IDGPhase:
                 if not self.probe.passed and self._may_extend(reason):
                     self.extra_rounds += 1
                     reason = ""
+        if self.config.converge:
+            converge_members(ctx, committee, "idg")
         probe = self.probe.as_dict() if self.probe is not None else None
         ctx.events.emit("phase_end", phase="idg", reason=reason, frames=len(self.frames),
                         epochs=self.epochs, md_steps=sampler.total_steps, probe=probe,
@@ -191,7 +209,7 @@ class IDGPhase:
                 split = self.splits.next()
                 member = self.dealer.next() if split == "train" else -1
                 new.append(self.ctx.store_label(
-                    atoms, result, split, origin="idg", trajectory=sampled.structure,
+                    atoms, result, split, origin="idg", trajectory=sampled.trajectory_id,
                     md_step=sampled.md_step, member=member,
                 ))
             self.ctx.progress(phase="idg", frames=len(self.ctx.store), epochs=self.epochs,
@@ -199,13 +217,11 @@ class IDGPhase:
         self.frames.extend(new)
         return new
 
-    def _label_batch(self, sampler: StridedSampler, limit: int) -> list[tuple[Atoms, LabelResult, SampledFrame]]:
+    def _label_batch(self, sampler: Any, limit: int) -> list[tuple[Atoms, LabelResult, SampledFrame]]:
         if self.config.sampler == "reference":
-            with self.ctx.clock.measure("labelling"):
-                sampled = sampler.next_frame()
-                while self._stored(sampled):  # replayed after a resume: already in the dataset
-                    sampled = sampler.next_frame()
-            return [(sampled.atoms, LabelResult(sampled.energy, sampled.forces, sampled.stress, None, 0.0), sampled)]
+            with self.ctx.clock.measure("waiting"):
+                sampled = [s for s in sampler.next_frames(limit) if not self._stored(s)]
+            return [(s.atoms, s.label, s) for s in sampled]
         return self._label_by_workers(sampler, min(limit, self.ctx.labeller.n_workers))
 
     def _label_by_workers(
@@ -223,8 +239,55 @@ class IDGPhase:
         return [(s.atoms, r, s) for s, r in zip(sampled, results, strict=True) if r is not None]
 
     def _stored(self, sampled: SampledFrame) -> bool:
-        return self.ctx.is_stored("idg", sampled.structure, sampled.md_step)
+        return self.ctx.is_stored("idg", sampled.trajectory_id, sampled.md_step)
 
 
 def run_idg(ctx: RunContext) -> Committee:
     return IDGPhase(ctx).run()
+
+
+def converge_members(ctx: RunContext, committee: Committee, phase: str) -> None:
+    """Train every member to convergence on its own data (``converge.patience``/``max_epochs``).
+
+    Each member keeps its own training subset, so the committee stays a committee; the best
+    epoch of each is kept (``EnsembleTrainer.train_to_convergence``).
+    """
+    config = ctx.config.converge
+    for member, (train, valid) in enumerate(committee.member_data()):
+        if not train or not valid:
+            continue
+        with ctx.clock.measure("training"):
+            metrics = committee.trainer.train_to_convergence(member, train, valid, patience=config.patience,
+                                                             max_epochs=config.max_epochs)
+        ctx.events.emit("converged", phase=phase, **metrics.__dict__)
+        ctx.progress(phase=phase, member=member, converged_valid_mae=metrics.valid_force_mae)
+    # Converged members carry per-member energy offsets that cost nothing in forces (see
+    # models.calibration): refit them, so the committee's energies and their spread mean something.
+    train = committee.all_train
+    for member in range(committee.n_members):
+        shifts = refit_atomic_energies(committee.ensemble, member, train)
+        ctx.events.emit("e0_refit", member=member, shifts=shifts, converged=True)
+    committee.last_metrics = [m for m in committee.trainer.last_metrics if m is not None]
+
+
+def train_on_imports(ctx: RunContext) -> Committee:
+    """IDG switched off, data imported or models given: the committee trains on the imported
+    frames alone (start models without imported data go to active learning as they are).
+
+    ``idg.max_epochs`` epochs (members on their own subsets), then convergence if
+    ``idg.converge``; saved like an IDG committee.
+    """
+    frames = ctx.store.frames(origin="import")
+    committee = initial_committee(ctx, frames)
+    epochs = ctx.config.idg.max_epochs
+    if not all(committee.member_train):  # start models alone: nothing to train on yet
+        committee.save(ctx.paths.models)
+        return committee
+    with ctx.clock.measure("training"):
+        metrics = committee.train_round(epochs)
+    ctx.events.emit("training_round", phase="idg", epochs=epochs, total_epochs=epochs, train_size=ctx.train_size(),
+                    members=[m.__dict__ for m in metrics])
+    if ctx.config.idg.converge:
+        converge_members(ctx, committee, "idg")
+    committee.save(ctx.paths.models)
+    return committee

@@ -13,9 +13,8 @@ campaign into a long series of discarded labels that ends in "success". After
 ``LabelsKeepFailing``: the campaign saves its state and stops with exit code 3, and the message
 quotes the last failure. Any successful label resets the count.
 
-Labels the reference computes in this process (reference-driven IDG MD, start-structure
-relaxation) report their failures here too (``record_failure``), so they count towards the
-same rule.
+Reference-driven MD and start-structure relaxations run on the workers too, as segments
+(``submit_segment``, ``reference_md``): their failures count towards the same rule.
 """
 
 from __future__ import annotations
@@ -35,12 +34,11 @@ from aimspax_like.reference.results import (
     LabelFailure,
     LabelOutcome,
     LabelResult,
-    classify_exception,
 )
 from aimspax_like.signals import stop_requested
 
 # Seeds of different phases never collide (label numbers restart per phase).
-_SEED_OFFSET = {"al": 0, "idg": 500_000, "analysis": 700_000, "test": 900_000}
+_SEED_OFFSET = {"al": 0, "idg": 500_000, "analysis": 700_000, "test": 900_000, "recompute": 1_100_000}
 
 
 def outcome_of(future: Future) -> LabelOutcome:
@@ -127,6 +125,15 @@ class Labeller:
         return self.executor.submit(atoms, self.spec, self.workdir(phase, number, attempt), self.faults,
                                     seed=self.seed_of(phase, number, attempt))
 
+    def submit_segment(self, phase: str, number: int, atoms: Atoms, request: Any, attempt: int = 0,
+                       **fields: Any) -> Future:
+        """Send a stretch of reference MD (``reference_md``) to the workers: a label like any other
+        for folders (``labels/<phase>_md_<number>``), seeds, faults and ``label_submitted``."""
+        if not attempt:
+            self.events.emit("label_submitted", phase=phase, **fields)
+        return self.executor.submit_segment(atoms, self.spec, self.workdir(f"{phase}_md", number, attempt),
+                                            self.faults, seed=self.seed_of(phase, number, attempt), request=request)
+
     def may_retry(self, failure: LabelFailure, attempt: int) -> bool:
         return attempt < self.retries.get(failure.kind, 0)
 
@@ -148,15 +155,6 @@ class Labeller:
     def record_success(self, result: LabelResult) -> None:
         """A label came back: the failure run is over (its ``label_done`` event is the caller's)."""
         self.clock.add("labelling", result.wall_s)
-        self.consecutive_failures = 0
-
-    def reference_md_failed(self, phase: str, exc: BaseException, **fields: Any) -> None:
-        """A step of MD driven by the reference in this process raised: a failed label like any other."""
-        kind, message = classify_exception(exc)
-        self.events.emit("md_failed", phase=phase, error=message, **fields)
-        self.record_failure(phase, LabelFailure(kind, message, None, 0.0), **fields)
-
-    def reference_md_succeeded(self) -> None:
         self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ batches

@@ -47,7 +47,8 @@ COMMITTEE_STATE = "committee.pt"
 # Config keys a resume may change: they alter budgets, where labels run or what is exported,
 # never what has been computed so far. A key matches itself and everything below it.
 SAFE_TO_CHANGE = (
-    "al.max_md_steps", "al.max_train_set_size", "al.max_labels_in_flight", "al.failures", "idg.max_set_size",
+    "al.max_md_steps", "al.max_train_set_size", "al.train_set_counts", "al.max_labels_in_flight", "al.failures",
+    "idg.max_set_size", "idg.trajectories_per_structure", "idg.converge", "training.allow_mixed_references",
     "cluster", "output", "faults", "reference.timeout_s", "reference.keep_workdir",
     "converge.max_epochs", "converge.patience", "al.analysis_every",
 )

@@ -89,46 +89,55 @@ def relaxed_start_structures(ctx: Any) -> list[Atoms]:
 
     The relaxed structures are written to ``state/start_structures.xyz`` (atomically) and read
     back on a resume, so a resumed campaign neither relaxes again nor starts from other
-    geometries. The relaxation runs in the driver, as reference-driven IDG MD does.
+    geometries. Each relaxation is a task on the label workers (``reference.md_segment``), all
+    of them at once; the reference never runs in the driver.
     """
-    from ase.optimize import BFGS
+    from concurrent.futures import wait
+    from dataclasses import replace
 
-    from aimspax_like.reference.calculators import make_calculator
+    from aimspax_like.config import MDConfig
+    from aimspax_like.errors import CampaignStopped
+    from aimspax_like.labelling import outcome_of
+    from aimspax_like.reference.md_segment import SegmentRequest
+    from aimspax_like.reference.results import LabelFailure
     from aimspax_like.state import write_atomic
 
     saved = ctx.paths.state / "start_structures.xyz"
     if saved.is_file():
         return read_structures([saved])
     system = ctx.config.system
+    md = MDConfig().model_dump(mode="json")
+    futures = [
+        ctx.labeller.submit_segment(
+            "relax", index, start, SegmentRequest(md, system.relax_steps, np.zeros((len(start), 3)),
+                                                  relax_fmax=system.relax_fmax), structure=index)
+        for index, start in enumerate(ctx.structures)
+    ]
     relaxed = []
-    for index, start in enumerate(ctx.structures):
-        atoms = start.copy()
-        try:
-            atoms.calc = make_calculator(ctx.reference_spec, ctx.paths.labels / f"relax_{index}")
-            energy0 = float(atoms.get_potential_energy())
-            optimizer = BFGS(atoms, logfile=None)
-            converged = bool(optimizer.run(fmax=system.relax_fmax, steps=system.relax_steps))
-            energy = float(atoms.get_potential_energy())
-            fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
-        except Exception as exc:  # the reference's own failure, of any type: one line, state kept
-            from aimspax_like.errors import CampaignStopped
-            from aimspax_like.reference.results import classify_exception
+    for index, (start, future) in enumerate(zip(ctx.structures, futures, strict=True)):
+        while not future.done():
+            wait([future], timeout=0.5)
+            if ctx.should_stop():
+                from aimspax_like.errors import CampaignInterrupted
 
-            message = classify_exception(exc)[1]
-            ctx.events.emit("relax_failed", structure=index, error=message)
+                raise CampaignInterrupted(int(ctx.should_stop()))
+        outcome = outcome_of(future)
+        if isinstance(outcome, LabelFailure):
+            ctx.events.emit("relax_failed", structure=index, error=outcome.message)
             raise CampaignStopped(f"system.relax: the reference failed relaxing start structure {index} "
-                                  f"({message}); fix the reference, then resume to continue") from None
-        if not np.isfinite([energy0, energy, fmax]).all():
-            from aimspax_like.errors import CampaignStopped
-
-            raise CampaignStopped(f"system.relax: the reference returned non-finite numbers relaxing start "
-                                  f"structure {index}; fix the reference, then resume to continue")
-        ctx.events.emit("relaxed", structure=index, energy_drop=energy0 - energy, steps=optimizer.nsteps,
-                        fmax=fmax, converged=converged)
-        if not converged:
+                                  f"({outcome.message}); fix the reference, then resume to continue")
+        ctx.labeller.record_success(replace(outcome.label, wall_s=outcome.wall_s))
+        fmax = float(np.linalg.norm(outcome.label.forces, axis=1).max())
+        info = outcome.info
+        ctx.events.emit("relaxed", structure=index, energy_drop=info["energy_start"] - outcome.label.energy,
+                        steps=info["steps"], fmax=fmax, converged=info["converged"])
+        if not info["converged"]:
             ctx.warn(f"start structure {index} did not relax to fmax {system.relax_fmax} eV/A in "
                      f"{system.relax_steps} steps (fmax {fmax:.3f} eV/A); continuing from there",
                      key="system.relax_steps")
+        atoms = start.copy()
+        atoms.set_positions(outcome.positions)
+        atoms.set_cell(outcome.cell)
         atoms.calc = None
         relaxed.append(atoms)
     buffer = io.StringIO()

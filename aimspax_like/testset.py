@@ -1,8 +1,9 @@
 """The held-out test set: sampled without the model under test, at several temperatures.
 
 A model judged on frames from its own MD only meets the geometries it already handles well, so
-here the test MD is driven by the reference itself (``sampler: reference``: the frames keep the
-reference's energy and forces, no extra label) or by the IDG foundation model with the frames
+here the test MD is driven by the reference itself (``sampler: reference``: on the label workers,
+in segments, see ``reference_md``; the frames keep the reference's energy and forces, no extra
+label) or by the IDG foundation model with the frames
 labelled by the reference on the label workers (``sampler: foundation``). ``auto`` follows
 ``idg.sampler``. It runs once per temperature: ``test_set.temperatures_K``, by default the AL
 temperatures plus one ``HIGH_TEMPERATURE_FACTOR`` times the highest of them (500 K -> 700 K),
@@ -18,7 +19,8 @@ and the Pearson correlation between the committee's Eq. 1 uncertainty and the tr
 the committee-mean force (the largest per-atom error norm against the reference): how well
 the committee's disagreement ranks the frames it gets wrong.
 
-Resume. An interrupted test set samples again: the seeded MD replays and a frame already
+Resume. An interrupted test set keeps the frames it stored: reference MD continues each
+trajectory from its newest stored frame; foundation MD replays its seeded MD and a frame already
 stored (same origin, trajectory and MD step) is taken from the dataset instead of being
 labelled or stored again.
 """
@@ -38,6 +40,7 @@ from aimspax_like.data import LabelledFrame
 from aimspax_like.errors import CampaignInterrupted, ConfigError
 from aimspax_like.ground_truth import true_force_error
 from aimspax_like.reference.results import LabelResult
+from aimspax_like.reference_md import ReferenceMD, resume_starts
 from aimspax_like.sampling.ase_md import SampledFrame, StridedSampler
 from aimspax_like.uncertainty import max_atomic_uncertainty
 
@@ -140,35 +143,37 @@ class _TestSampling:
     def collect(self, index: int, temperature: float) -> list[LabelledFrame]:
         sampler = self._sampler(index, temperature)
         frames: list[LabelledFrame] = []
+        if self.kind == "reference":  # reference MD continues from the stored frames (see reference_md)
+            frames = sorted(self._stored_at(index), key=lambda f: (f.md_step, f.trajectory))[: self.config.size]
         attempts = 0
         while len(frames) < self.config.size and attempts < 3 * self.config.size:
             self._check_stop()
             wanted = self.config.size - len(frames)
-            batch = 1 if self.kind == "reference" else min(wanted, max(1, getattr(self.ctx.executor, "n_workers", 1)))
-            measure = "labelling" if self.kind == "reference" else "md"
-            with self.ctx.clock.measure(measure):
-                sampled = [sampler.next_frame() for _ in range(batch)]
+            if self.kind == "reference":
+                with self.ctx.clock.measure("waiting"):
+                    sampled = sampler.next_frames(wanted)
+            else:
+                with self.ctx.clock.measure("md"):
+                    batch = min(wanted, max(1, getattr(self.ctx.executor, "n_workers", 1)))
+                    sampled = [sampler.next_frame() for _ in range(batch)]
             attempts += len(sampled)
             frames.extend(self._label(index, sampled))
             self.ctx.progress(phase="test", temperature_K=temperature, frames=len(frames))
         self.frames.extend(frames)
         return frames
 
-    def _sampler(self, index: int, temperature: float) -> StridedSampler:
+    def _stored_at(self, index: int) -> list[LabelledFrame]:
+        """Test frames already stored at temperature ``index`` (a resumed test set)."""
+        return [f for (trajectory, _), f in self.stored.items() if trajectory // self.n_structures == index]
+
+    def _sampler(self, index: int, temperature: float) -> Any:
         ctx = self.ctx
         md = self.config.md.model_copy(update={"temperature_K": temperature})
         seed = ctx.config.seed + SEED_OFFSET + index
-        if self.kind == "reference":
-            from aimspax_like.reference.calculators import make_calculator
-
-            workdir = ctx.paths.labels / "test_md"
-            return StridedSampler(
-                ctx.structures, lambda: make_calculator(ctx.reference_spec, workdir), md, self.config.stride,
-                seed=seed,
-                on_failure=lambda i, exc: ctx.labeller.reference_md_failed("test", exc, structure=i,
-                                                                           temperature_K=temperature),
-                on_success=ctx.labeller.reference_md_succeeded, with_stress=ctx.config.reference.compute_stress,
-            )
+        if self.kind == "reference":  # on the label workers, one trajectory per start structure
+            starts = resume_starts(ctx.structures, 1, self._stored_at(index), offset=index * self.n_structures)
+            return ReferenceMD(ctx.labeller, "test", starts, md, self.config.stride, seed=seed,
+                               should_stop=ctx.should_stop, fields={"temperature_index": index})
         if self._calculator is None:
             from aimspax_like.models.foundation import idg_foundation_calculator
 
@@ -186,8 +191,7 @@ class _TestSampling:
             if key in self.stored:  # replayed after a resume
                 done.append(self.stored[key])
             elif self.kind == "reference":
-                result = LabelResult(s.energy, s.forces, s.stress, None, 0.0)
-                done.append(self._store(s, key, result))
+                done.append(self._store(s, key, s.label))
             else:
                 fresh.append((s, key))
         results = ctx.label_on_workers(

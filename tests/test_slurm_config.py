@@ -195,9 +195,11 @@ def test_slurm_executor_builds_htex_with_autoscaling(tmp_path: Path) -> None:
     assert htex.workers_per_node == 4
     assert type(htex.provider).__name__ == "SlurmProvider" and htex.provider.max_blocks == 3
     # Labels go through the placement wrapper (for label_placed events); the local pool does not.
-    assert executor._label_function().__name__ == "label_with_placement"
+    names = {app: fn.__name__ for app, fn in executor._task_functions().items()}
+    assert names == {"label": "label_with_placement", "md_segment": "segment_with_placement"}
     local = make_label_executor(LocalCluster(), tmp_path)
-    assert local._label_function().__name__ == "label"
+    assert {app: fn.__name__ for app, fn in local._task_functions().items()} == {
+        "label": "label", "md_segment": "run_segment"}
 
 
 def test_default_address_is_this_hosts_and_bad_ones_are_config_errors(tmp_path: Path) -> None:

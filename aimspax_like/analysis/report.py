@@ -165,11 +165,13 @@ def _markdown(record: RunRecord, text: str, groups: list[tables.Table], drawn: l
 
 def _html(record: RunRecord, text: str, table_groups: list[list[tables.Table]], drawn: list[FigureFile],
           validation_drawn: list[FigureFile], notes: list[str]) -> str:
-    glance, analysis, test, validation = table_groups
+    glance, analysis, test, systems, validation = table_groups
     overview = "\n".join(map(report_html.table_html, glance))
     sections = [("summary", "Summary", overview + f"<h3>Text summary</h3><pre>{html.escape(text)}</pre>")]
     if test:
         sections.append(("test", "Test set", "\n".join(map(report_html.table_html, test))))
+    if systems:
+        sections.append(("systems", "Per system", "\n".join(map(report_html.table_html, systems))))
     if validation:
         body = "\n".join(map(report_html.table_html, validation))
         body += "".join(report_html.figure_html(f"V{k}", f) for k, f in enumerate(validation_drawn, 1))
@@ -193,8 +195,9 @@ def make_report(run_dir: Path | str) -> Report:
     drawn, notes = _figures(record, folder)
     validation_drawn = _validation_figures(record)
     test = tables.test_table(record)
+    systems = tables.systems_table(record)
     groups = [[tables.glance_table(record)], [tables.analysis_table(record)], [test] if test else [],
-              tables.validation_tables(record)]
+              [systems] if systems else [], tables.validation_tables(record)]
     text = summary_text(record)
     markdown = record.report_dir / "summary.md"
     markdown.write_text(_markdown(record, text, [t for group in groups for t in group], drawn, validation_drawn,

@@ -258,6 +258,14 @@ class StatusTracker:
             self.splits[split] += 1
             self.origins[origin] += 1
             self._label_counter(origin)["done"] += 1
+        elif name == "data_imported":  # frames stored in one write, without a frame_stored each
+            new = int(r.get("new") or 0)
+            if new:
+                share = (int(r.get("valid") or 0) / max(1, int(r.get("frames") or 1)))
+                valid = round(new * share)
+                self.splits["train"] += new - valid
+                self.splits["valid"] += valid
+                self.origins["import"] += new
         elif name == "frame_released":
             self.splits["held"] = max(0, self.splits["held"] - 1)
             self.splits[r.get("split")] += 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aimspax_like.analysis.strict_json import dumps_strict
+from aimspax_like.analysis.systems import render_systems
 from aimspax_like.analysis.timeline import label_overlap
 from aimspax_like.events import read_events
 
@@ -72,6 +73,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
         "valid_stress_mae": results.get("final_valid_stress"),
         "best_member": results.get("converge", {}).get("best_member"),
         "test": results.get("test"),
+        "systems": results.get("systems"),
         "wall_s": {
             "total": round(earlier_wall + ctx.clock.elapsed, 2),
             "ml": round(seconds["md"] + seconds["training"], 2),
@@ -130,6 +132,7 @@ def render(summary: dict[str, Any]) -> str:
     test = summary.get("test")
     if test and test.get("size"):
         lines.extend(_test_lines(test))
+    lines.extend(render_systems(summary.get("systems") or []))
     lines.extend(f"warning    {message}" for message in summary.get("warnings", []))
     lines.append(
         f"wall time  {wall['total']:.1f} s: ML {wall['ml']:.1f} s (MD {wall['md']:.1f}, training "

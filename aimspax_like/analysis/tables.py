@@ -75,6 +75,25 @@ def test_table(record: RunRecord) -> Table | None:
                  f"{test.get('sampler', '?')} MD, never used in training.", "test")
 
 
+def systems_table(record: RunRecord) -> Table | None:
+    """Labels and the final model's errors per chemical system (campaigns over several systems)."""
+    rows_in = (record.summary or {}).get("systems") or record.results.get("systems") or []
+    if len(rows_in) < 2:
+        return None
+    header = ["system", "atoms", "start structures", "imported", "IDG", "AL", "test", "failed labels",
+              "valid F MAE (meV/\u00c5)", "test F MAE (meV/\u00c5)", "test E MAE (meV/atom)"]
+    rows = []
+    for row in rows_in:
+        labels = row.get("labels", {})
+        valid, test = row.get("valid") or {}, row.get("test") or {}
+        rows.append([str(row.get("system")), str(row.get("atoms")), str(row.get("start_structures")),
+                     *(str(labels.get(k, 0)) for k in ("import", "idg", "al", "test")), str(row.get("failed", 0)),
+                     milli(valid.get("force_mae")), milli(test.get("force_mae")),
+                     milli(test.get("energy_mae_per_atom"), 2)])
+    return Table("Per system", header, rows, "Frames grouped by composition; errors of the final model. Failed "
+                 "labels are counted where the label names its start structure (IDG and test set).", "systems")
+
+
 def _error_row(name: str, group: dict[str, Any]) -> list[str]:
     return [name, str(group.get("frames", 0)), milli(group.get("energy_mae_per_atom"), 2),
             milli(group.get("energy_rmse_per_atom"), 2), milli(group.get("force_mae")), milli(group.get("force_rmse")),

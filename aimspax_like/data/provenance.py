@@ -42,15 +42,20 @@ def check_one_reference(
     frames: Iterable[LabelledFrame],
     allow_mixed: bool = False,
     key: str = "training.allow_mixed_references",
+    campaign_reference: str | None = None,
 ) -> list[str]:
     """The distinct references of the frames, most frequent first; more than one is refused.
 
     ``key`` names the switch that allows mixing in the message (the config key, or the command
-    line flag of ``aimspax-like train``).
+    line flag of ``aimspax-like train``). ``campaign_reference``: the fingerprint of labels still
+    to come (a campaign's own reference), counted as one more reference before they exist.
     """
     counts: Counter[str] = Counter()
     origins: dict[str, Counter[str]] = {}
     example: dict[str, str] = {}
+    if campaign_reference is not None:
+        counts[campaign_reference] += 0
+        origins[campaign_reference] = Counter()
     for frame in frames:
         counts[frame.reference] += 1
         origins.setdefault(frame.reference, Counter())[frame.origin] += 1
@@ -58,7 +63,8 @@ def check_one_reference(
             example[frame.reference] = frame.source
     found = [ref for ref, _ in counts.most_common()]
     if len(found) > 1 and not allow_mixed:
-        described = [_describe(ref, counts[ref], origins[ref], example.get(ref)) for ref in found[:2]]
+        described = [_describe(ref, counts[ref], origins[ref], example.get(ref), ref == campaign_reference)
+                     for ref in found[:2]]
         more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
         raise MixedReferences(
             f"{key}: the training data mix two references, {described[0]} and {described[1]}{more}; "
@@ -69,7 +75,10 @@ def check_one_reference(
     return found
 
 
-def _describe(reference: str, count: int, origins: Counter[str], source: str | None) -> str:
+def _describe(reference: str, count: int, origins: Counter[str], source: str | None, campaign: bool) -> str:
+    if not count:
+        return f"'{reference}' (this campaign's reference, labels to come)"
     kinds = ", ".join(f"{n} {origin}" for origin, n in origins.most_common())
     where = f", e.g. {source}" if source else ""
-    return f"'{reference or '(none)'}' ({count} frames: {kinds}{where})"
+    mine = "; this campaign's reference" if campaign else ""
+    return f"'{reference or '(none)'}' ({count} frames: {kinds}{where}{mine})"

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def label(
     timeout_s = spec.get("timeout_s")
     try:
         if timeout_s and spec["kind"] != "cp2k":  # CP2K times its persistent shell itself
-            outcome = _run_with_timeout(geometry, spec, str(folder), fault, float(timeout_s), start)
+            outcome = _run_with_timeout(_run, (geometry, spec, str(folder), fault), str(folder),
+                                        float(timeout_s), start)
         else:
             outcome = _run(geometry, spec, str(folder), fault)
     except Exception as exc:  # e.g. no process could be started: still a failure, not a raise
@@ -148,9 +150,9 @@ _LOG_FILE = "label_child.log"
 
 
 def _child_entry() -> None:
-    """Body of the timeout child: run the label, leave the outcome in a file for the parent."""
-    atoms, spec, workdir, fault = pickle.load(sys.stdin.buffer)
-    outcome = _run(atoms, spec, workdir, fault)
+    """Body of the timeout child: run the task, leave the outcome in a file for the parent."""
+    target, args, workdir = pickle.load(sys.stdin.buffer)
+    outcome = target(*args)
     target = Path(workdir) / _OUTCOME_FILE
     partial = target.with_suffix(".partial")
     partial.write_bytes(pickle.dumps(outcome))
@@ -158,14 +160,15 @@ def _child_entry() -> None:
 
 
 def _run_with_timeout(
-    atoms: Atoms,
-    spec: dict[str, Any],
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
     workdir: str,
-    fault: InjectedFault | None,
     timeout_s: float,
     start: float,
-) -> LabelOutcome:
-    """Run the label in a fresh interpreter in its own session; kill its group on timeout.
+) -> Any:
+    """Run ``target(*args)`` (a module-level function: a label, or a stretch of reference MD)
+    in a fresh interpreter in its own session; kill its group on timeout. The target returns
+    an outcome (``LabelResult``/``LabelFailure`` or the like), never raises.
 
     A fresh interpreter (not fork) is immune to threads of earlier calculations, never re-runs
     the caller's main script, and works from daemonic workers; it costs about half a second of
@@ -186,7 +189,7 @@ def _run_with_timeout(
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # a child dead at start shows in _collect
             proc.stdin.write(pickle.dumps(list(sys.path)))
-            proc.stdin.write(pickle.dumps((atoms, spec, workdir, fault)))
+            proc.stdin.write(pickle.dumps((target, args, workdir)))
             proc.stdin.close()
         proc.wait(timeout=max(0.0, start + timeout_s - time.monotonic()))
     except subprocess.TimeoutExpired:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -30,6 +31,12 @@ class SampledFrame:
     structure: int
     md_step: int
     stress: np.ndarray | None = None  # Voigt, eV/A^3: reference MD of periodic cells with stress labels
+    trajectory: int = -1  # the trajectory id when several run per structure (-1: the structure's one)
+    label: Any = None  # reference MD on the workers: the LabelResult (its wall time, scratch folder)
+
+    @property
+    def trajectory_id(self) -> int:
+        return self.structure if self.trajectory < 0 else self.trajectory
 
 
 class StridedSampler:
@@ -78,7 +85,7 @@ class StridedSampler:
         while True:
             try:
                 for _ in range(self.stride):
-                    step_batch([state], _calculator_forces, _calculator_stresses, None)
+                    step_batch([state], calculator_forces, calculator_stresses, None)
                 energy = float(atoms.get_potential_energy())
                 forces = np.array(atoms.get_forces())
                 stress = np.array(atoms.get_stress()) if self.with_stress and atoms.pbc.all() else None
@@ -114,11 +121,11 @@ class StridedSampler:
         state.invalidate_forces()
 
 
-def _calculator_forces(structures: list[Atoms]) -> list[np.ndarray]:
+def calculator_forces(structures: list[Atoms]) -> list[np.ndarray]:
     """Forces of the structures' own calculators, as a one-member committee."""
     return [np.asarray(atoms.get_forces())[None] for atoms in structures]
 
 
-def _calculator_stresses(structures: list[Atoms]) -> list[np.ndarray]:
+def calculator_stresses(structures: list[Atoms]) -> list[np.ndarray]:
     """Stresses of the structures' own calculators (NPT only), same convention."""
     return [np.asarray(atoms.get_stress(voigt=False))[None] for atoms in structures]
