@@ -10,7 +10,8 @@ shifts the fitted energies (the per-element energy refit follows it too).
 *reference* frames of the initial dataset (reference or foundation MD at the IDG temperature:
 an unbiased sample, unlike active-learning labels, which are chosen for being unusual and
 would let the bound creep upwards label by label). A new label is an outlier when its energy
-per atom lies more than ``limit`` spreads (standard deviations) above that distribution's mean.
+per atom lies more than ``limit`` spreads (standard deviations) above that distribution's centre
+(its mean, but never below its lowest frame plus the harmonic 3/2 k_B T per atom: ``center``).
 For harmonic motion, the mean at 1.4 times the IDG temperature lies about 1.5 spreads higher
 and its hottest frames about 5, so the default of 6 keeps hot but physical frames.
 
@@ -81,12 +82,27 @@ class EnergyGate:
             return 0.0
         return 0.5 * float(np.sqrt(1.5 / n_atoms)) * kB * self.temperature_K
 
+    def center(self, numbers: np.ndarray) -> float:
+        """Where the thermal distribution lies: the sample's mean, but at least its lowest frame
+        plus the harmonic mean excess 3/2 k_B T per atom at the AL temperature.
+
+        Short IDG MD starts from a minimum and may end before it has heated up (a 21-atom
+        molecule needs ~1 ps with the default friction): its mean lies below what the AL
+        trajectories visit at equilibrium, and a bound built on it held back most ordinary
+        labels. Equipartition says where the equilibrium mean is, above the lowest frame seen.
+        """
+        sample = self._sample(numbers)
+        mean = float(np.mean(sample))
+        if self.temperature_K is None:
+            return mean
+        return max(mean, float(np.min(sample)) + 1.5 * kB * self.temperature_K)
+
     def bound(self, numbers: np.ndarray) -> float:
         """The highest energy per atom trained on for this composition (inf while unknown)."""
         sample = self._sample(numbers)
         if len(sample) < self.min_count:
             return float("inf")
-        return float(np.mean(sample)) + self.limit * self.spread(numbers)
+        return self.center(numbers) + self.limit * self.spread(numbers)
 
     def outlier(self, numbers: np.ndarray, energy: float) -> str | None:
         """Why this label must be held back, or None when it may be trained on."""
@@ -96,8 +112,8 @@ class EnergyGate:
         bound = self.bound(numbers)
         if per_atom > bound:
             sample = self._sample(numbers)
-            spreads = (per_atom - float(np.mean(sample))) / self.spread(numbers)
-            return (f"energy {per_atom:.4f} eV/atom is {spreads:.1f} spreads above the mean of "
+            spreads = (per_atom - self.center(numbers)) / self.spread(numbers)
+            return (f"energy {per_atom:.4f} eV/atom is {spreads:.1f} spreads above the thermal centre of "
                     f"{len(sample)} frames (limit {self.limit:g}, bound {bound:.4f} eV/atom)")
         return None
 

@@ -286,4 +286,21 @@ def test_a_few_near_identical_initial_frames_do_not_make_thermal_motion_an_outli
     assert thermal == pytest.approx(0.5 * np.sqrt(1.5 / 9) * 8.617333262e-5 * 500.0)
     hot_but_physical = -310.0 + 9 * 3 * thermal  # three floors above: an ordinary hot frame
     assert gate.outlier(numbers, hot_but_physical) is None
-    assert gate.outlier(numbers, -310.0 + 9 * 8 * thermal)
+    # The centre is at least the lowest frame plus equipartition's 3/2 kT per atom.
+    excess = 1.5 * 8.617333262e-5 * 500.0
+    assert gate.outlier(numbers, -310.001 + 9 * (excess + 5 * thermal)) is None
+    assert gate.outlier(numbers, -310.001 + 9 * (excess + 7 * thermal))
+
+
+def test_idg_frames_that_have_not_heated_up_do_not_hold_back_equilibrium_labels():
+    """Short IDG MD from a minimum ends cold: its frames lie below the AL equilibrium energies."""
+    numbers = np.array([6] * 9 + [1] * 8 + [8] * 4)  # aspirin's 21 atoms
+    kT = 8.617333262e-5 * 500.0
+    rng = np.random.default_rng(0)
+    gate = EnergyGate(6.0, temperature_K=500.0)
+    for e in rng.normal(0.2 * kT, 0.1 * kT, size=20):  # IDG: barely above the minimum
+        gate.add(numbers, 21 * (-5.0 + e), reference=True)
+    equilibrium = rng.normal(1.5 * kT, np.sqrt(1.5 / 21) * kT, size=200)  # harmonic equilibrium at 500 K
+    held = sum(gate.outlier(numbers, 21 * (-5.0 + e)) is not None for e in equilibrium)
+    assert held <= 2  # the old mean-based bound held most of them
+    assert gate.outlier(numbers, 21 * (-5.0 + 1.0))  # an eV per atom above: still held
