@@ -13,6 +13,7 @@ the number of AL frames in the dataset.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,22 @@ def _energy_gate(ctx: RunContext, frames: list[LabelledFrame]) -> EnergyGate | N
     return gate
 
 
+def _budget(ctx: RunContext, stored: list[LabelledFrame]) -> tuple[Callable[[], int], str]:
+    """What ``al.max_train_set_size`` counts, and the words for it (``al.train_set_counts``).
+
+    ``shared``: the training set as stored, every member's IDG frames included. ``per_member``
+    (aims-PAX's rule): member k trains on its own IDG frames (``member == k``) plus every shared
+    frame (``member == -1``); the budget is the largest member's count. Frames of one member
+    come from IDG only and AL adds shared frames only, so during AL the largest count is the
+    stored training set minus every member's own frames plus the largest member's own.
+    """
+    if ctx.config.al.train_set_counts == "shared":
+        return ctx.train_size, "the shared training set"
+    own = Counter(f.member for f in stored if f.split == "train" and f.member >= 0)
+    largest, everyone = max(own.values(), default=0), sum(own.values())
+    return (lambda: ctx.train_size() - everyone + largest), "the largest member's training set"
+
+
 def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     config = ctx.config.al
     stored = ctx.store.frames()  # read once: the gate, the split counter, held labels, resume
@@ -62,14 +79,17 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
             return ctx.release_label("al", provenance["trajectory"], provenance["md_step"], splits.next())
         return ctx.store_label(atoms, result, "held" if held else splits.next(), **provenance)
 
-    if ctx.train_size() >= config.max_train_set_size:
-        ctx.warn(f"the training set already holds {ctx.train_size()} frames, at or above "
+    budget_size, counted = _budget(ctx, stored)
+    if budget_size() >= config.max_train_set_size:
+        ctx.warn(f"{counted} already holds {budget_size()} frames, at or above "
                  f"al.max_train_set_size ({config.max_train_set_size}): active learning labels nothing; "
-                 "raise al.max_train_set_size (IDG frames count towards it)",
+                 f"raise al.max_train_set_size (al.train_set_counts: {config.train_set_counts}; "
+                 "IDG frames count towards it)",
                  key="al.max_train_set_size")
     scheduler = ALScheduler(
         config, committee, ctx.executor, sink, ctx.events, ctx.reference_spec, ctx.paths.labels,
-        train_set_size=ctx.train_size, faults=ctx.faults, clock=ctx.clock, seed=ctx.config.seed,
+        train_set_size=ctx.train_size, budget_size=budget_size, faults=ctx.faults, clock=ctx.clock,
+        seed=ctx.config.seed,
         on_progress=ctx.on_progress, should_stop=ctx.should_stop,
         guards=_guards(config.guards), energy_gate=_energy_gate(ctx, stored), trust_factor=config.guards.trust_factor,
         labeller=ctx.labeller,

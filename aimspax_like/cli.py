@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 # ``add_parsers(sub)`` and ``run(args) -> exit code``. They import nothing heavy at top level.
 COMMAND_MODULES = (
     "aimspax_like.validation.commands",  # validate, testset
+    "aimspax_like.fit",  # train
+    "aimspax_like.export",  # export
+    "aimspax_like.convert",  # convert (an aims-PAX pair into a campaign YAML)
+    "aimspax_like.recompute",  # recompute
 )
 
 

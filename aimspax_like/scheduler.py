@@ -129,6 +129,7 @@ class ALScheduler(SchedulerCheckpoint):
         workdir_root: Path,
         *,
         train_set_size: Callable[[], int],
+        budget_size: Callable[[], int] | None = None,
         faults: dict | None = None,
         clock: WallClock | None = None,
         seed: int = 0,
@@ -145,6 +146,9 @@ class ALScheduler(SchedulerCheckpoint):
         self.sink = sink
         self.events = events
         self.train_set_size = train_set_size
+        # What al.max_train_set_size is compared with (al.train_set_counts): the shared training
+        # set by default, or the largest member's own IDG frames plus the shared ones.
+        self.budget_size = budget_size or train_set_size
         self.clock = clock or WallClock()
         self.seed = seed
         # Every label goes through the campaign's one labelling path (folders, seeds, retries,
@@ -248,7 +252,7 @@ class ALScheduler(SchedulerCheckpoint):
         return any(t.status in statuses for t in self.trajectories)
 
     def _stop_reason(self) -> str:
-        if self.train_set_size() >= self.config.max_train_set_size:
+        if self.budget_size() >= self.config.max_train_set_size:
             return "max_train_set_size"
         desired = self.config.desired_acc
         if desired is not None and self.committee.valid_force_mae() < desired:
@@ -371,14 +375,15 @@ class ALScheduler(SchedulerCheckpoint):
     def _may_submit(self, trajectory: Trajectory) -> bool:
         if len(self._in_flight) >= self.max_in_flight or trajectory.status != Status.RUNNING:
             return False
-        if self.train_set_size() + len(self._in_flight) >= self.config.max_train_set_size:
+        if self.budget_size() + len(self._in_flight) >= self.config.max_train_set_size:
             # Labels in flight may all land in the training set and fill it: another one
             # could only be reference time spent past the stop. (Should some of them be
             # validation points or fail, the next check submits again.) Logged once per stretch.
             if not self._withholding:
                 self._withholding = True
                 self.events.emit("label_withheld", trajectory=trajectory.index, step=trajectory.md.step,
-                                 in_flight=len(self._in_flight), train_size=self.train_set_size())
+                                 in_flight=len(self._in_flight), train_size=self.train_set_size(),
+                                 budget_size=self.budget_size())
             return False
         self._withholding = False
         return trajectory.labels_in_flight < self.config.labels_per_trajectory

@@ -293,7 +293,7 @@ def _commented_blocks(text: str) -> list[tuple[str, str]]:
 def test_every_commented_out_alternative_is_a_valid_section(tmp_path):
     blocks = _commented_blocks(template_yaml())
     names = [name for name, _ in blocks]
-    assert names.count("reference") == 6 and names.count("cluster") == 1 and names.count("faults") == 1
+    assert names.count("reference") == 7 and names.count("cluster") == 1 and names.count("faults") == 1
     for name, block in blocks:
         data = yaml.safe_load(template_yaml())
         data[name] = yaml.safe_load(block)[name]

@@ -8,17 +8,21 @@ bit-for-bit, and so that a malformed label fails where it is made rather than du
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+
+from aimspax_like.errors import SetupError
 
 # "held": a label stored but kept out of training (see ``label_gate``) until the data reach it.
 SPLITS = ("train", "valid", "test", "held", "analysis")
@@ -177,11 +181,32 @@ def source_tag(path: Any, index: int) -> str:
     return text + suffix
 
 
+def _file_sha256(path: str) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime): the fingerprint is asked for at every
+    stored label, and a model file does not change between them."""
+    try:
+        stat = Path(path).stat()
+    except OSError:  # the setup check finds a missing file before a campaign starts; this is later
+        raise SetupError(f"reference.model: model file not found: {path}") from None
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def reference_fingerprint(spec: Mapping[str, Any] | Any) -> str:
     """Return a 16-hex-digit hash of the reference settings that determine the label values.
 
     Wall limits, scratch handling and (for FHI-aims) the launch command are dropped: a campaign
     resumed with a longer timeout or on another node count must still recognise its old labels.
+    A ``mace`` reference is its model file: the file's SHA-256 stands in for its path, so two
+    different files never share a fingerprint and the same file moved elsewhere keeps its own.
     Pydantic models are accepted as well as plain dicts.
     """
     if hasattr(spec, "model_dump"):
@@ -189,5 +214,7 @@ def reference_fingerprint(spec: Mapping[str, Any] | Any) -> str:
     data = dict(spec)
     dropped = _NON_NUMERIC_KEYS | _NON_NUMERIC_BY_KIND.get(str(data.get("kind", "")), frozenset())
     canonical = {k: v for k, v in data.items() if k not in dropped}
+    if data.get("kind") == "mace":
+        canonical["model"] = "sha256:" + _file_sha256(str(data["model"]))
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

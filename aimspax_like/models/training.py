@@ -24,13 +24,20 @@ trainer calls, not during them.
 Patience. An improvement must lower the validation loss by a relative ``min_rel_improvement``
 (default 1e-6): below that a "better" loss is round-off, and counting it would keep a stalled
 member from ever getting its optimiser reset.
+
+Final recipe. ``train_final_recipe`` trains one member the way the paper trains a model from
+scratch on a finished dataset (``FinalRecipe``): a reduce-on-plateau learning rate, then a
+"stage two" (mace_run_train's ``--stage_two``, formerly ``--swa``) with the energy weight raised
+and a lower learning rate, keeping the best validation checkpoint of each stage. It is separate
+from ``train_to_convergence`` (patience only), which the campaign's converge phase uses unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,6 +45,7 @@ import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under t
 import torch
 from ase import Atoms
 from mace.modules import WeightedEnergyForcesLoss, WeightedEnergyForcesStressLoss
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch_ema import ExponentialMovingAverage
 
 from aimspax_like.config import TrainingConfig
@@ -74,6 +82,121 @@ class _MemberState:
     since_best: int = 0  # epochs trained since the last improvement
     epochs: int = 0
     last: MemberMetrics | None = None
+
+
+@dataclass(frozen=True)
+class FinalRecipe:
+    """The paper's recipe for a model trained from scratch on a finished dataset.
+
+    aims-PAX trains its large final model for a fixed number of epochs with a reduce-on-plateau
+    learning rate (factor 0.8) and, after three quarters of them, "swaps" the loss weights
+    (energy up, forces down) and drops the learning rate to 1e-3: forces are learned early, the
+    energy's last meV/atom only once the energy term dominates. That is mace_run_train's stage
+    two (``--stage_two``/``--swa``, defaults ``--swa_energy_weight 1000 --swa_forces_weight 100
+    --swa_stress_weight 10 --swa_lr 1e-3``, start at ``max_num_epochs // 4 * 3``), whose weights
+    are the defaults here. Unlike a fixed-length run, a stage also ends when its validation loss
+    has not improved for ``patience`` epochs (stage one then goes on to stage two), and stage two
+    starts early once the plateau schedule has lowered the learning rate ``lr_drops_to_switch``
+    times: the first stage has converged by then, more epochs at a lower rate buy little.
+
+    ``swa_stress_weight=None`` scales the training stress weight as the forces' weight is scaled,
+    so stress keeps its balance against forces in stage two.
+    """
+
+    max_epochs: int
+    patience: int
+    swa_start: float = 0.75  # fraction of max_epochs after which stage two starts at the latest
+    swa_lr: float = 1e-3
+    swa_energy_weight: float = 1000.0
+    swa_forces_weight: float = 100.0
+    swa_stress_weight: float | None = None
+    lr_factor: float = 0.8
+    lr_patience: int | None = None  # plateau patience in epochs; None: max(1, patience // 5)
+    lr_drops_to_switch: int = 2
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_epochs": self.max_epochs >= 2,  # one epoch per stage at least
+            "patience": self.patience >= 1,
+            "swa_start": 0.0 < self.swa_start < 1.0,
+            "swa_lr": self.swa_lr > 0,
+            "swa_energy_weight": self.swa_energy_weight >= 0,
+            "swa_forces_weight": self.swa_forces_weight >= 0,
+            "swa_stress_weight": self.swa_stress_weight is None or self.swa_stress_weight >= 0,
+            "lr_factor": 0.0 < self.lr_factor < 1.0,
+            "lr_patience": self.lr_patience is None or self.lr_patience >= 1,
+            "lr_drops_to_switch": self.lr_drops_to_switch >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"FinalRecipe: invalid {', '.join(bad)} ({self})")
+
+    @property
+    def start_epoch(self) -> int:
+        """Epochs of stage one at most (at least 1, and at least 1 left for stage two)."""
+        return min(self.max_epochs - 1, max(1, int(self.max_epochs * self.swa_start)))
+
+    @property
+    def plateau_patience(self) -> int:
+        return self.lr_patience if self.lr_patience is not None else max(1, self.patience // 5)
+
+    def stage_two_weights(self, training_cfg: TrainingConfig) -> tuple[float, float, float]:
+        """(energy, forces, stress) weights of stage two."""
+        stress = self.swa_stress_weight
+        if stress is None:
+            factor = self.swa_forces_weight / training_cfg.forces_weight if training_cfg.forces_weight > 0 else 1.0
+            stress = training_cfg.stress_weight * factor
+        return float(self.swa_energy_weight), float(self.swa_forces_weight), float(stress)
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of a recipe: the stage, the learning rate and loss weights it ran with, and its
+    validation. ``valid_loss`` is in the stage's own weights (stage losses do not compare)."""
+
+    member: int
+    epoch: int  # the member's epochs so far, all calls together
+    stage: int  # 1, or 2 after the switch
+    lr: float  # learning rate of this epoch's steps
+    energy_weight: float
+    forces_weight: float
+    stress_weight: float
+    train_loss: float
+    valid_loss: float
+    valid_force_mae: float  # eV/A
+    valid_energy_mae_per_atom: float  # eV/atom
+    valid_stress_mae: float  # eV/A^3, NaN without stress labels
+    improved: bool  # a new best of its stage
+
+
+@dataclass
+class RecipeResult:
+    """What ``train_final_recipe`` returns.
+
+    ``metrics`` describe the returned model on the validation frames in the *training config's*
+    weights, so members and recipes compare on one scale; ``best_valid_loss`` is each stage's
+    best in that stage's weights. ``stage`` says which stage's checkpoint was kept: 2 when stage
+    two beat the model it started from (stage one's best), else 1.
+    """
+
+    metrics: MemberMetrics
+    stage: int
+    switch_epoch: int | None  # the member's epoch count when stage two began; None: it never did
+    switch_reason: str  # "epoch" (swa_start reached), "lr_drops", "patience", or "" (no stage two)
+    best_valid_loss: dict[int, float]
+    curve: list[EpochRecord]
+
+
+@dataclass
+class _StageOutcome:
+    """One recipe stage's best checkpoint (its entry state until an epoch beats it) and its end."""
+
+    best_loss: float
+    snapshot: dict[str, Any]
+    train_loss: float  # of the best epoch; NaN while the entry state is the best
+    improved: bool = False  # whether any epoch beat the entry state
+    reason: str = "epoch"  # why the stage ended: "epoch", "patience", "lr_drops", "stopped"
+    stopped: bool = False  # on_epoch asked to end the whole recipe
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -184,6 +307,131 @@ class EnsembleTrainer:
         result = replace(best, epoch=st.epochs, improved=self._better(best_loss, st.best_loss))
         st.best_loss, st.since_best, st.last = min(best_loss, st.best_loss), 0, result
         return result
+
+    def train_final_recipe(
+        self,
+        member: int,
+        train: Sequence[Atoms],
+        valid: Sequence[Atoms],
+        recipe: FinalRecipe,
+        on_epoch: Callable[[EpochRecord], bool | None] | None = None,
+        on_switch: Callable[[int], None] | None = None,
+    ) -> RecipeResult:
+        """Train one member with ``recipe`` (see ``FinalRecipe``); keep the best checkpoint.
+
+        ``on_switch(member)`` runs when stage two begins, after stage one's best checkpoint is
+        restored and before stage two's first validation (an E0 refit: see ``models.fitting``).
+
+        Stage one trains with the training config's loss weights and learning rate while a
+        ``ReduceLROnPlateau`` on the validation loss lowers the rate. It ends after
+        ``recipe.start_epoch`` epochs, after ``lr_drops_to_switch`` drops of the rate, or after
+        ``patience`` epochs without improvement. Stage two starts from stage one's best
+        checkpoint (raw and EMA weights, optimiser moments) with the stage-two loss weights, the
+        learning rate set to ``swa_lr`` and a fresh plateau schedule, and runs until
+        ``max_epochs`` epochs in all or ``patience`` epochs without improvement. Its first
+        candidate is the checkpoint it starts from, so it never returns a model worse in the
+        stage-two loss than stage one's best; ``RecipeResult.stage`` says which one was kept.
+
+        ``on_epoch`` sees every epoch; returning True ends the recipe (the best checkpoint of the
+        current stage is kept). The optimiser is left with the kept checkpoint's learning rate.
+        """
+        st = self._states[member]
+        train_g, valid_g = self._graphs(train, valid)
+        curve: list[EpochRecord] = []
+        end = st.epochs + recipe.max_epochs
+        base = (float(self.cfg.energy_weight), float(self.cfg.forces_weight), float(self.stress_weight))
+        self._use_ema(member)
+        one = self._stage(member, 1, base, (train_g, valid_g), recipe, st.epochs + recipe.start_epoch, curve, on_epoch)
+        kept, best_loss = one, {1: one.best_loss}
+        stage, switch_epoch, reason = 1, None, ""
+        if not one.stopped and st.epochs < end:
+            self._restore(member, one.snapshot)
+            switch_epoch, reason = st.epochs, one.reason
+            if on_switch is not None:
+                on_switch(member)
+            for group in st.optimizer.param_groups:
+                group["lr"] = float(recipe.swa_lr)
+            two = self._stage(member, 2, recipe.stage_two_weights(self.cfg), (train_g, valid_g), recipe, end, curve,
+                              on_epoch)
+            best_loss[2] = two.best_loss
+            if two.improved:
+                kept, stage = two, 2
+        self._restore(member, kept.snapshot)
+        errors = self._errors(member, valid_g)  # in the training config's weights again
+        improved = self._better(errors["loss"], st.best_loss)
+        metrics = self._metrics(member, kept.train_loss, errors, improved, reset=False)
+        st.best_loss, st.since_best, st.last = min(errors["loss"], st.best_loss), 0, metrics
+        return RecipeResult(metrics, stage, switch_epoch, reason, best_loss, curve)
+
+    def _stage(
+        self,
+        k: int,
+        stage: int,
+        weights: tuple[float, float, float],
+        graphs: tuple[list, list],
+        recipe: FinalRecipe,
+        until: int,
+        curve: list[EpochRecord],
+        on_epoch: Callable[[EpochRecord], bool | None] | None,
+    ) -> _StageOutcome:
+        """One stage of ``train_final_recipe``: epochs under ``weights`` until the member has
+        trained ``until`` epochs in all, patience runs out or (stage one) the rate dropped enough."""
+        st = self._states[k]
+        train_g, valid_g = graphs
+        with self._loss_weights(*weights):
+            best = self._errors(k, valid_g)["loss"]
+            out = _StageOutcome(best_loss=best, snapshot=self._snapshot(k), train_loss=math.nan)
+            scheduler = ReduceLROnPlateau(st.optimizer, mode="min", factor=recipe.lr_factor,
+                                          patience=recipe.plateau_patience)
+            since = drops = 0
+            while st.epochs < until:
+                lr = float(st.optimizer.param_groups[0]["lr"])
+                train_loss = self._epoch(k, train_g)
+                errors = self._errors(k, valid_g)
+                improved = self._better(errors["loss"], out.best_loss)
+                if improved:
+                    out.best_loss, out.snapshot, out.train_loss, out.improved = (
+                        errors["loss"], self._snapshot(k), train_loss, True)
+                    since = 0
+                else:
+                    since += 1
+                scheduler.step(errors["loss"])
+                drops += int(float(st.optimizer.param_groups[0]["lr"]) < lr)
+                record = EpochRecord(
+                    member=k, epoch=st.epochs, stage=stage, lr=lr, energy_weight=weights[0],
+                    forces_weight=weights[1], stress_weight=weights[2], train_loss=float(train_loss),
+                    valid_loss=errors["loss"], valid_force_mae=errors["force_mae"],
+                    valid_energy_mae_per_atom=errors["energy_mae_per_atom"], valid_stress_mae=errors["stress_mae"],
+                    improved=improved,
+                )
+                curve.append(record)
+                if on_epoch is not None and on_epoch(record):
+                    out.reason, out.stopped = "stopped", True
+                    break
+                if since >= recipe.patience:
+                    out.reason = "patience"
+                    break
+                if stage == 1 and drops >= recipe.lr_drops_to_switch:
+                    out.reason = "lr_drops"
+                    break
+        return out
+
+    @contextlib.contextmanager
+    def _loss_weights(self, energy: float, forces: float, stress: float) -> Iterator[None]:
+        """Train and validate with other loss weights inside the block (a recipe's stage two);
+        the trainer's own weights are back afterwards, errors included."""
+        saved = (self.cfg, self.stress_weight, self.loss_fn, self.stress_loss_fn)
+        self.cfg = self.cfg.model_copy(update={"energy_weight": energy, "forces_weight": forces,
+                                               "stress_weight": stress})
+        self.stress_weight = float(stress)
+        self.loss_fn = WeightedEnergyForcesLoss(energy, forces)
+        self.stress_loss_fn = WeightedEnergyForcesStressLoss(energy, forces, stress)
+        for loss in (self.loss_fn, self.stress_loss_fn):
+            loss.to(device=self.ensemble.device, dtype=self.ensemble.dtype)
+        try:
+            yield
+        finally:
+            self.cfg, self.stress_weight, self.loss_fn, self.stress_loss_fn = saved
 
     def best_member(self) -> int:
         """Index of the member with the lowest latest validation loss (0 if none validated)."""

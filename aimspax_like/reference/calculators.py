@@ -5,6 +5,10 @@ to remote label workers that should not need pydantic models. Heavy backends (tb
 FHI-aims' ASE glue) are imported only when their kind is asked for, so a worker that labels
 with EMT never pays for them.
 
+The ``mace`` kind (a MACE model file as the reference) is the one kind that brings torch and
+MACE into a label worker; its calculator is loaded once per process and kept (``_mace_calculator``),
+so a worker pays for the model file once, not once per label.
+
 ``check_reference_setup`` runs once before a campaign starts: an unsupported element or a
 missing executable should stop the run with a one-line ``ConfigError`` instead of turning
 every label into a crash hours later.
@@ -12,8 +16,11 @@ every label into a crash hours later.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -74,7 +81,55 @@ def make_calculator(spec: dict[str, Any], workdir: str | Path) -> BaseCalculator
         return CP2KCalculator(spec, directory=str(workdir))
     if kind == "import":
         return _imported_calculator(spec)
+    if kind == "mace":
+        return mace_reference_calculator(spec)
     raise SetupError(f"unknown reference kind {kind!r}")
+
+
+def mace_reference_calculator(spec: dict[str, Any]) -> BaseCalculator:
+    """The ``mace`` reference's calculator, shared by every label of this process.
+
+    Keyed on the file's size and modification time as well as its path, so a model file
+    replaced in place is loaded again rather than served stale, and on the thread: one ASE
+    calculator holds the atoms and results of one calculation, so threads that label at once
+    (a thread pool) must not share it. Its folder is reset to the working folder each time it
+    is handed out (``label`` points it at the current scratch folder, which is removed after
+    the label; ASE would create a calculator's folder again on its next calculation).
+    """
+    model = Path(str(spec["model"]))
+    try:
+        stat = model.stat()
+    except OSError:
+        raise SetupError(f"reference.model: model file not found: {model}") from None
+    calc = _mace_calculator(str(model), spec.get("device", "cpu"), spec.get("dtype", "float64"),
+                            (stat.st_size, stat.st_mtime_ns), threading.get_ident())
+    calc.directory = "."
+    return calc
+
+
+@functools.lru_cache(maxsize=8)
+def _mace_calculator(model: str, device: str, dtype: str, stamp: tuple[int, int], thread: int) -> BaseCalculator:
+    """The MACE reference of this process, loaded on its first label and reused for every other.
+
+    Loading a model file (unpickling, TorchScript set-up) costs far more than one evaluation of
+    a small molecule. Reusing the calculator is safe: ASE recomputes whenever the atoms differ
+    from the ones it last saw. mace is imported before anything pulls in e3nn on its own, as mace
+    sets e3nn's options when it is imported. ``stamp`` and ``thread`` only key the cache.
+    """
+    import mace.calculators  # noqa: F401  (first: before e3nn, see above)
+    from mace.calculators import MACECalculator
+
+    from aimspax_like.models.torch_utils import quiet_torchscript
+
+    # mace logs a root-logger warning when the file's dtype differs from the one asked for
+    # (a float32 teacher evaluated in float64): the conversion is the point, not news.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with quiet_torchscript():
+            return MACECalculator(model_paths=model, device=device, default_dtype=dtype)
+    finally:
+        logging.disable(previous)
 
 
 def supported_elements(spec: dict[str, Any]) -> frozenset[int] | None:
@@ -117,6 +172,35 @@ def check_reference_setup(spec: dict[str, Any], numbers: set[int], structures: I
             raise ConfigError(f"reference.{exc.key}", exc.message) from None
     if kind == "import":
         _check_import(spec)
+    if kind == "mace":
+        _check_mace(spec, numbers)
+
+
+def _check_mace(spec: dict[str, Any], numbers: set[int]) -> None:
+    """The model file must exist, load, and know every element of the structures.
+
+    Loaded here once in the driver (before any folder exists), so a wrong path, a file that is
+    no MACE model or an element the model never saw is one line, not a crash on every label.
+    """
+    model = Path(str(spec["model"]))
+    if not model.is_file():
+        raise ConfigError("reference.model", f"model file not found: {model}")
+    if spec.get("device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("reference.device", "cuda asked for, but torch sees no GPU here")
+    try:
+        calc = mace_reference_calculator(spec)
+    except Exception as exc:  # a corrupt or foreign file can fail in any way while unpickling
+        text = " ".join(str(exc).split())
+        raise ConfigError("reference.model", f"cannot load {model} as a MACE model "
+                          f"({type(exc).__name__}{': ' + text[:160] if text else ''})") from None
+    known = {int(z) for z in calc.z_table.zs}
+    missing = sorted(set(numbers) - known)
+    if missing:
+        names = ", ".join(chemical_symbols[z] for z in missing)
+        raise ConfigError("reference.model", f"{model} was not trained on {names}")
 
 
 def _check_import(spec: dict[str, Any]) -> None:
