@@ -223,7 +223,8 @@ def resolve_settings(args: argparse.Namespace, campaign: Any) -> Any:
     from aimspax_like.models.fitting import FitSettings
     from aimspax_like.models.training import FinalRecipe
 
-    model = campaign.model if campaign is not None else ModelConfig()
+    # A fresh fit: the campaign's start models (model.start_from) are not where it begins.
+    model = campaign.model.model_copy(update={"start_from": None}) if campaign is not None else ModelConfig()
     training = campaign.training if campaign is not None else TrainingConfig()
     file_model: dict[str, Any] = {}
     if args.config is not None:

@@ -74,6 +74,23 @@ def test_train_plain_on_a_run(finished_campaign, tmp_path, capsys):
     assert sum(e["event"] == "train_epoch" for e in log) == len(curve)
 
 
+def test_train_on_a_run_that_started_from_models_fits_a_fresh_model(finished_campaign, tmp_path):
+    """A run whose members started from model files (model.start_from) still trains one fresh model."""
+    import shutil
+
+    import yaml
+
+    run, _ = finished_campaign
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = yaml.safe_load((copy / "campaign.yaml").read_text())
+    config["model"]["start_from"] = [str(p) for p in sorted((run / "models").glob("member_*.model"))]
+    (copy / "campaign.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(copy), "--out", str(tmp_path / "fit"), *FAST]) == 0
+    settings = _strict_json(tmp_path / "fit" / "train_report.json")["settings"]
+    assert settings["model"]["ensemble_size"] == 1 and settings["model"]["start_from"] is None
+
+
 def test_final_recipe_raises_the_energy_weight_and_lowers_lr_in_its_last_stage(finished_campaign, tmp_path):
     run, _ = finished_campaign
     out = tmp_path / "final"
