@@ -217,6 +217,10 @@ def _validated(cls: Any, base: Any, updates: dict[str, Any], where: dict[str, st
         raise SetupError(f"{name}: {message} (got {error.get('input')!r})") from None
 
 
+_SWITCH_WHY = {"epoch": "--swa-start reached", "lr_drops": "the learning rate dropped twice",
+               "patience": "stage one stopped improving"}
+
+
 def resolve_settings(args: argparse.Namespace, campaign: Any) -> Any:
     """The ``FitSettings``: the run's config (or the defaults), then --config, then the flags."""
     from aimspax_like.config import ConvergeConfig, ModelConfig, TrainingConfig
@@ -428,7 +432,8 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     data, best = report["data"], report["members"][report["best_member"]]
     stage = f"stage {best['stage']}"
     if best["switch_epoch"] is not None:
-        stage += f" (stage two from epoch {best['switch_epoch']}, {best['switch_reason']})"
+        why = _SWITCH_WHY.get(best["switch_reason"], best["switch_reason"])
+        stage += f" (stage two from epoch {best['switch_epoch']}: {why})"
     print(f"trained {len(report['members'])} model(s), recipe {report['settings']['recipe']}, on "
           f"{data['train']} train / {data['valid']} valid frames; best member {report['best_member']}: "
           f"{best['epochs']} epochs, kept {stage}")
