@@ -921,7 +921,8 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "<root>"
 
 
-_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "import", "mace", "MDConfig", "list[MDConfig]", "local", "slurm"}
+_UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "cp2k", "import", "mace", "MDConfig", "list[MDConfig]", "local",
+               "slurm"}
 
 
 def _what(data: Any) -> str:

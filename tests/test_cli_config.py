@@ -57,6 +57,8 @@ BAD_INPUTS = [
     ("model.seeds", [1, 2], "model"),
     ("reference.compute_stress", True, "reference.compute_stress"),  # molecule, no cell
     ("model.device", "cuda", "model.device"),  # torch is told below that it sees no GPU
+    ("reference", {"kind": "cp2k", "cutoff_Ry": -1.0}, "error: reference.cutoff_Ry: "),  # no union tag
+    ("reference", {"kind": "mace", "model": "teacher.model", "dtype": "half"}, "error: reference.dtype: "),
 ]
 
 
