@@ -88,6 +88,11 @@ class ReferenceMD:
         self.trajectories = []
         for start in starts:
             atoms = _bare(start.atoms)
+            fixed = fixed_indices(start.atoms)
+            if fixed:
+                from ase.constraints import FixAtoms
+
+                atoms.set_constraint(FixAtoms(indices=fixed))
             momenta = maxwell_boltzmann(atoms, md.temperature_K, self._rng(start.trajectory, start.md_step, 0))
             self.trajectories.append(_Trajectory(start, atoms, momenta, start.md_step))
         n_structures = max(s.structure for s in starts) + 1
@@ -112,7 +117,7 @@ class ReferenceMD:
     def _submit(self, traj: _Trajectory) -> None:
         rng_seed = int(self._rng(traj.start.trajectory, traj.step, traj.attempt).integers(2**31))
         request = SegmentRequest(self.md.model_dump(mode="json"), self.stride, traj.momenta, dict(traj.extra),
-                                 rng_seed)
+                                 rng_seed, fixed=fixed_indices(traj.start.atoms))
         atoms = traj.atoms.copy()
         traj.future = self.labeller.submit_segment(
             self.phase, self._number(traj), atoms, request, attempt=traj.attempt,
@@ -167,6 +172,13 @@ class ReferenceMD:
                             trajectory=traj.start.trajectory, label=label)
 
 
+def fixed_indices(atoms: Atoms) -> list[int]:
+    """Atoms a ``FixAtoms`` constraint holds (the one constraint the integrators honour)."""
+    from aimspax_like.sampling.state import fixed_atoms
+
+    return [int(i) for i in np.flatnonzero(fixed_atoms(atoms))]
+
+
 def _bare(atoms: Atoms) -> Atoms:
     return Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
 
@@ -192,5 +204,6 @@ def resume_starts(
                 starts.append(TrajectoryStart(trajectory, s, atoms))
             else:
                 geometry = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+                geometry.set_constraint([c.copy() for c in atoms.constraints])  # the start's FixAtoms
                 starts.append(TrajectoryStart(trajectory, s, geometry, frame.md_step))
     return starts

@@ -100,6 +100,7 @@ def relaxed_start_structures(ctx: Any) -> list[Atoms]:
     from aimspax_like.labelling import outcome_of
     from aimspax_like.reference.md_segment import SegmentRequest
     from aimspax_like.reference.results import LabelFailure
+    from aimspax_like.reference_md import fixed_indices
     from aimspax_like.state import write_atomic
 
     saved = ctx.paths.state / "start_structures.xyz"
@@ -110,7 +111,8 @@ def relaxed_start_structures(ctx: Any) -> list[Atoms]:
     futures = [
         ctx.labeller.submit_segment(
             "relax", index, start, SegmentRequest(md, system.relax_steps, np.zeros((len(start), 3)),
-                                                  relax_fmax=system.relax_fmax), structure=index)
+                                                  relax_fmax=system.relax_fmax, fixed=fixed_indices(start)),
+            structure=index)
         for index, start in enumerate(ctx.structures)
     ]
     relaxed = []

@@ -180,3 +180,21 @@ def test_a_segment_integrates_on_a_worker_and_a_failure_is_data(tmp_path):
     timed = run_segment(atoms, {"kind": "emt", "timeout_s": 0.2}, str(tmp_path / "t"),
                         faults={"hang": 1.0, "hang_s": 30}, seed=3, request=request)
     assert isinstance(timed, LabelFailure) and timed.kind.value == "timed_out"
+
+
+def test_fixed_atoms_of_a_start_structure_stay_fixed_in_reference_md_on_the_workers(tmp_path):
+    from ase.build import fcc111
+    from ase.constraints import FixAtoms
+
+    from aimspax_like.reference_md import fixed_indices
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    slab.set_constraint(FixAtoms(indices=[0, 1, 2, 3]))  # the bottom layer
+    request = SegmentRequest(MDConfig(temperature_K=600).model_dump(mode="json"), 10,
+                             np.full((len(slab), 3), 0.05), rng_seed=2, fixed=fixed_indices(slab))
+    assert request.fixed == [0, 1, 2, 3]
+    result = run_segment(slab, {"kind": "emt"}, str(tmp_path / "slab"), request=request)
+    assert isinstance(result, SegmentResult)
+    np.testing.assert_array_equal(result.positions[:4], slab.positions[:4])
+    assert not np.allclose(result.positions[4:], slab.positions[4:])
+    np.testing.assert_array_equal(result.momenta[:4], 0.0)

@@ -311,3 +311,23 @@ def test_convergence_progress_counts_epochs_from_the_start_of_convergence():
     snap = tracker.snapshot(now=1121.0)
     assert snap["valid_force_mae"] == {"value": 0.04, "phase": "converge", "train_size": 8}
     assert snap["phases_done"] == ["idg", "al", "converge"]
+
+
+def test_a_per_member_budget_counts_the_largest_members_own_frames_plus_the_shared_ones():
+    """al.train_set_counts: per_member (aims-PAX's rule): 8 own IDG frames + 5 shared AL frames = 13/40."""
+    config = {"model": {"ensemble_size": 4}, "al": {"max_train_set_size": 40, "train_set_counts": "per_member",
+                                                    "max_md_steps": 10000, "num_trajectories": 2}}
+    events = [{"t": 1000.0, "event": "campaign_start", "phases": ["idg", "al"], "directory": "run"},
+              {"t": 1001.0, "event": "phase_start", "phase": "idg"}]
+    events += [{"t": 1002.0, "event": "frame_stored", "split": "train", "origin": "idg", "member": k % 4}
+               for k in range(32)]
+    events += [{"t": 1003.0, "event": "phase_end", "phase": "idg"},
+               {"t": 1004.0, "event": "phase_start", "phase": "al", "trajectories": 2}]
+    events += [{"t": 1005.0, "event": "frame_stored", "split": "train", "origin": "al", "member": -1}
+               for _ in range(5)]
+    tracker = StatusTracker(config)
+    tracker.feed_all(events)
+    snap = tracker.snapshot(now=1006.0)
+    assert "train 13/40 per member" in snap["progress"]["detail"]
+    assert snap["progress"]["left"]["train_frames"] == 27
+    assert snap["progress"]["fraction"] == pytest.approx(5 / 32, abs=1e-4)  # 8 at AL start, 40 at the end

@@ -73,6 +73,8 @@ class Budgets:
         self.al_max_md_steps = al.get("max_md_steps")
         self.al_trajectories = al.get("num_trajectories")
         self.al_max_train = al.get("max_train_set_size")
+        self.al_counts = al.get("train_set_counts", "shared")  # per_member: aims-PAX's budget rule
+        self.members = (config.get("model") or {}).get("ensemble_size") if config else None
         self.converge_max_epochs = converge.get("max_epochs")
         self.test_size = test.get("size")
         self.test_temperatures = self._test_temperatures(test, al)
@@ -114,6 +116,8 @@ class StatusTracker:
         self._phase_f0: float = 0.0  # the phase's progress fraction when it (re)started
         self.phases_done: list[str] = []
         self.phases_skipped: list[str] = []
+        self.own_train: dict[int, float] = {}  # training frames of one member (its IDG/imported subset)
+        self.shared_train = 0  # training frames every member trains on
         self.phase_reasons: dict[str, Any] = {}
         self.interrupted: str | None = None
         self.trajectories: dict[int, dict[str, Any]] = {}
@@ -195,7 +199,7 @@ class StatusTracker:
         elif name in ("phase_start", "phase_resume"):
             phase = r.get("phase")
             if phase == "al" and (name == "phase_start" or self.al_train0 is None):
-                self.al_train0 = self.splits["train"]
+                self.al_train0 = self._budget_train()
             if phase == "converge":
                 self.converge_members = list(r.get("members") or [])
                 self._converged, self.converge_epoch = [], None
@@ -258,6 +262,8 @@ class StatusTracker:
             self.splits[split] += 1
             self.origins[origin] += 1
             self._label_counter(origin)["done"] += 1
+            if split == "train":
+                self._count_train(r.get("member"), 1)
         elif name == "data_imported":  # frames stored in one write, without a frame_stored each
             new = int(r.get("new") or 0)
             if new:
@@ -266,9 +272,14 @@ class StatusTracker:
                 self.splits["train"] += new - valid
                 self.splits["valid"] += valid
                 self.origins["import"] += new
+                members = self.budgets.members if isinstance(self.budgets.members, int) else 1
+                for member in range(members):  # dealt in turn: an even share each (shared: all)
+                    self._count_train(member, (new - valid) / members)
         elif name == "frame_released":
             self.splits["held"] = max(0, self.splits["held"] - 1)
             self.splits[r.get("split")] += 1
+            if r.get("split") == "train":
+                self._count_train(-1, 1)
         elif name == "analysis_point":
             self.analysis_points += 1
         elif name == "training_round":
@@ -302,6 +313,18 @@ class StatusTracker:
     def _returned(self, phase: str) -> None:
         counter = self._label_counter(phase)
         counter["in_flight"] = max(0, counter["in_flight"] - 1)
+
+    def _budget_train(self) -> int:
+        """The training-set size al.max_train_set_size is compared with (al.train_set_counts)."""
+        if self.budgets.al_counts == "per_member":  # the largest member's own frames plus the shared ones
+            return round(max(self.own_train.values(), default=0.0)) + self.shared_train
+        return int(self.splits["train"])
+
+    def _count_train(self, member: Any, count: float) -> None:
+        if isinstance(member, int) and member >= 0:
+            self.own_train[member] = self.own_train.get(member, 0.0) + count
+        else:
+            self.shared_train += int(count)
 
     # ------------------------------------------------------------------ budgets
 
@@ -372,9 +395,10 @@ class StatusTracker:
             parts.append(f"steps {steps}/{budget}")
         else:
             parts.append(f"steps {steps}")
-        train = self.splits["train"]
+        train = self._budget_train()
+        per_member = b.al_counts == "per_member"
         if isinstance(b.al_max_train, int):
-            parts.append(f"train {train}/{b.al_max_train}")
+            parts.append(f"train {train}/{b.al_max_train}" + (" per member" if per_member else ""))
             left["train_frames"] = max(0, b.al_max_train - train)
             start = self.al_train0 if self.al_train0 is not None else 0
             if b.al_max_train > start:

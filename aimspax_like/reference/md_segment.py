@@ -51,6 +51,7 @@ class SegmentRequest:
     extra: dict[str, np.ndarray | None] = field(default_factory=dict)  # _STATE_KEYS
     rng_seed: int = 0
     relax_fmax: float | None = None  # set: a BFGS relaxation of at most ``steps`` steps instead of MD
+    fixed: list[int] = field(default_factory=list)  # atoms held in place (FixAtoms of the start structure)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,10 @@ def _integrate(
         if fault is not None:
             fault.apply()
         atoms.calc = _calculator(spec, workdir)
+        if request.fixed:  # the label's bare geometry lost the start structure's constraint
+            from ase.constraints import FixAtoms
+
+            atoms.set_constraint(FixAtoms(indices=list(request.fixed)))
         atoms.set_momenta(np.asarray(request.momenta, dtype=float))
         state = MDState(atoms, MDConfig.model_validate(request.md), np.random.default_rng(request.rng_seed))
         for key in _STATE_KEYS:
