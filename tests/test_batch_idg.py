@@ -115,6 +115,9 @@ def test_the_summary_breaks_labels_and_errors_down_per_system(batch_run):
     assert "Per system" in (run / "report/summary.md").read_text()
     assert "Per system" in (run / "report/index.html").read_text()
     assert not [e for e in read_events(run / "logs/events.jsonl") if e["event"] == "report_failed"]
+    from aimspax_like.analysis.status import status_of
+
+    assert status_of(run)["state"] == "finished"  # asked for IDG only, and IDG is done
 
 
 def test_a_resumed_batch_idg_continues_each_trajectory_from_its_newest_frame(tmp_path, parsl_executor):

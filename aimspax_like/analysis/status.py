@@ -116,6 +116,7 @@ class StatusTracker:
         self._phase_f0: float = 0.0  # the phase's progress fraction when it (re)started
         self.phases_done: list[str] = []
         self.phases_skipped: list[str] = []
+        self.requested: list[str] = []
         self.own_train: dict[int, float] = {}  # training frames of one member (its IDG/imported subset)
         self.shared_train = 0  # training frames every member trains on
         self.phase_reasons: dict[str, Any] = {}
@@ -187,6 +188,7 @@ class StatusTracker:
         phase_of = r.get("phase") or self.phase or "?"
         if name == "campaign_start":
             self.segments.append([t or 0.0, t or 0.0])
+            self.requested = [str(p) for p in r.get("phases") or []]  # what this driver run was asked for
             self.directory = r.get("directory", self.directory)
             self.ended, self.phase, self.phase_t0, self.interrupted = False, None, None, None
             for counter in self.labels.values():  # labels in flight died with the last driver
@@ -524,6 +526,9 @@ def status_of(run_dir: Path | str, now: float | None = None) -> dict[str, Any]:
     log = root / "logs" / "events.jsonl"
     tracker.feed_all(read_events(log) if log.is_file() else [])
     finished, done = _finished(root)
+    if not finished and tracker.ended and tracker.requested and "converge" not in tracker.requested:
+        # A driver asked for some phases only (``aimspax-like idg CONFIG``) and did them all.
+        finished = set(tracker.requested) <= {*done, *tracker.phases_skipped}
     snapshot = tracker.snapshot(now=now, alive=driver["alive"] and not finished)
     snapshot["directory"] = str(root)
     snapshot["phases_done"] = done or snapshot["phases_done"]
