@@ -61,7 +61,7 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every structure")
     npt = _check_npt(config, structures)
     if config.reference.kind == "pyscf":
-        _check_spin(config.reference.charge, config.reference.spin, structures)
+        check_spin(config.reference.charge, config.reference.spin, structures)
     if config.cluster.kind == "slurm":
         missing = [cmd for cmd in ("sbatch", "squeue", "scancel") if shutil.which(cmd) is None]
         if missing:
@@ -115,7 +115,7 @@ def _check_npt(config: CampaignConfig, structures: list[Atoms]) -> str | None:
     return next((key for key, md in used if md.ensemble.startswith("npt")), None)
 
 
-def _check_spin(charge: int, spin: int, structures: list[Atoms]) -> None:
+def check_spin(charge: int, spin: int, structures: list[Atoms]) -> None:
     """PySCF's ``spin`` (2S) must fit each structure's electron count (parity, and at most all of them)."""
     for index, atoms in enumerate(structures):
         electrons = int(atoms.numbers.sum()) - charge

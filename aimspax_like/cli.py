@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"stopped: {exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if not _disk_full(exc):
+        if not disk_full(exc):
             raise
         stopped = DiskFull(exc.filename or str(config.output.directory))
         print(f"stopped: {stopped} (aimspax-like resume {config.output.directory})", file=sys.stderr)
@@ -188,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _disk_full(exc: BaseException | None) -> bool:
+def disk_full(exc: BaseException | None) -> bool:
     """Whether an error (or one it was raised from) is a full disk or an exceeded quota.
 
     h5py reports it without an errno, in the message only.

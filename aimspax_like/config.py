@@ -868,7 +868,7 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: builds no Python objects
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """The one YAML document in a config file; a file that holds none is a ``ConfigError``.
 
     A config path can point at anything: a folder, a structure file, a gzip archive, an empty
@@ -959,7 +959,7 @@ def load_config(path: str | Path) -> CampaignConfig:
     ``import_data`` files and the ``model.start_from`` files.
     """
     path = Path(path)
-    config = config_from_dict(_read_yaml(path), source=str(path))
+    config = config_from_dict(read_yaml(path), source=str(path))
     base = path.resolve().parent
     config.system.structures = [p if p.is_absolute() else base / p for p in config.system.structures]
     if isinstance(config.reference, MACEReference) and not config.reference.model.is_absolute():

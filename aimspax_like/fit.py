@@ -183,9 +183,9 @@ def _campaign_of(source: Any) -> Any:
 
 def _config_file(path: Path) -> dict[str, dict[str, Any]]:
     """``model:`` and ``training:`` of a train config file (other sections are a mistake)."""
-    from aimspax_like.config import _read_yaml
+    from aimspax_like.config import read_yaml
 
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise SetupError(f"{path}: must be a mapping with model: and/or training: sections")
     sections: dict[str, dict[str, Any]] = {}

@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped: {exc} ({again})", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        from aimspax_like.cli import _disk_full
+        from aimspax_like.cli import disk_full
 
-        if not _disk_full(exc):
+        if not disk_full(exc):
             raise
         stopped = DiskFull(exc.filename or str(args.out or args.run_dir))
         print(f"stopped: {stopped} ({again})", file=sys.stderr)
@@ -156,9 +156,9 @@ def read_reference_file(path: Path, original: Any) -> Any:
     ``species_dir``, CP2K's ``data_dir``) resolve against OTHER.yaml's folder. ``faults`` is
     OTHER.yaml's only: the original run's fault injection belonged to the original reference.
     """
-    from aimspax_like.config import _read_yaml, config_from_dict
+    from aimspax_like.config import config_from_dict, read_yaml
 
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(str(path), "must be a mapping with a 'reference:' section")
     unknown = [str(key) for key in data if key not in _ALLOWED]
@@ -225,7 +225,7 @@ def _check_setup(config: Any, frames: list[Any]) -> None:
 
     from ase import Atoms
 
-    from aimspax_like.campaign import _check_spin
+    from aimspax_like.campaign import check_spin
     from aimspax_like.reference.calculators import check_reference_setup
 
     kinds: dict[tuple[Any, ...], Atoms] = {}
@@ -239,7 +239,7 @@ def _check_setup(config: Any, frames: list[Any]) -> None:
     if config.reference.kind == "pyscf":
         if any(atoms.pbc.any() for atoms in structures):
             raise ConfigError("reference.kind", "pyscf labels molecules only, and the frames are periodic")
-        _check_spin(config.reference.charge, config.reference.spin, structures)
+        check_spin(config.reference.charge, config.reference.spin, structures)
     periodic = all(atoms.pbc.all() for atoms in structures)
     if config.reference.compute_stress and not periodic:
         raise ConfigError("reference.compute_stress", "stress needs periodic cells in every frame")
