@@ -374,6 +374,13 @@ def _run_locked(
         write_summary(paths.report, summary)
         _write_report(ctx)
         return summary
+    except CampaignInterrupted as exc:
+        # Whichever loop noticed the signal (a phase, a label wait, convergence training), the
+        # log says the campaign stopped for it and where: the status reads it from here.
+        done = _read_state(paths)["done"]
+        phase = next((p for p in phases if p not in done), "test")
+        events.emit("campaign_interrupted", signal=exc.signum, phase=phase)
+        raise
     finally:
         # Whatever stopped the campaign is what the user must see: a failed export (the store
         # deleted, the disk full) is logged, never raised over it, and the log is always closed.

@@ -331,3 +331,16 @@ def test_a_per_member_budget_counts_the_largest_members_own_frames_plus_the_shar
     assert "train 13/40 per member" in snap["progress"]["detail"]
     assert snap["progress"]["left"]["train_frames"] == 27
     assert snap["progress"]["fraction"] == pytest.approx(5 / 32, abs=1e-4)  # 8 at AL start, 40 at the end
+
+
+def test_a_stop_that_no_phase_logged_is_named_from_the_campaign_interrupted_event():
+    tracker = StatusTracker(BUDGETS)
+    tracker.feed_all([{"t": 1.0, "event": "campaign_start", "phases": ["idg", "al", "converge"]},
+                      {"t": 2.0, "event": "phase_start", "phase": "converge", "members": [0]},
+                      {"t": 3.0, "event": "campaign_interrupted", "signal": 15, "phase": "converge"},
+                      {"t": 3.1, "event": "campaign_end", "wall_s": 2.1, "seconds": {}}])
+    assert tracker.snapshot(now=4.0, alive=False)["interrupted"] == "converge stopped by SIGTERM"
+    tracker.feed_all([{"t": 5.0, "event": "campaign_start", "phases": ["al"]},
+                      {"t": 6.0, "event": "al_interrupted", "signal": 2, "in_flight": 0},
+                      {"t": 6.1, "event": "campaign_interrupted", "signal": 2, "phase": "al"}])
+    assert tracker.snapshot(now=7.0, alive=False)["interrupted"] == "al stopped by SIGINT"  # the phase's own word

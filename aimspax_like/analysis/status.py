@@ -229,6 +229,8 @@ class StatusTracker:
                 self.phases_skipped.append(r.get("phase"))
         elif name in ("al_interrupted", "idg_interrupted", "test_interrupted"):
             self.interrupted = f"{name.split('_')[0]} stopped by {_signal_name(r.get('signal'))}"
+        elif name == "campaign_interrupted" and self.interrupted is None:  # a stop no phase logged itself
+            self.interrupted = f"{r.get('phase')} stopped by {_signal_name(r.get('signal'))}"
         elif name == "labels_keep_failing":
             self.interrupted = f"labels keep failing ({r.get('consecutive')} in a row)"
         elif name == "al_stop":
