@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import types
 import warnings
@@ -121,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         resume, phases = getattr(args, "resume", False), PHASES_OF[args.command]
     from aimspax_like.analysis.summary import render
     from aimspax_like.campaign import run_campaign
-    from aimspax_like.errors import CampaignInterrupted, CampaignStopped, DiskFull
+    from aimspax_like.errors import CampaignInterrupted, CampaignStopped
     from aimspax_like.live import LiveStatus
     from aimspax_like.signals import StopFlag
 
@@ -134,18 +135,11 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             if live is not None:
                 live.close()  # the last picture goes before any message about how the run ended
-    except CampaignInterrupted as exc:
-        print(f"{exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
-        return 128 + exc.signum
-    except CampaignStopped as exc:
-        print(f"stopped: {exc} (aimspax-like resume {config.output.directory})", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        if not disk_full(exc):
+    except (CampaignInterrupted, CampaignStopped, OSError) as exc:
+        code = stopped_exit(exc, f"aimspax-like resume {config.output.directory}", str(config.output.directory))
+        if code is None:
             raise
-        stopped = DiskFull(exc.filename or str(config.output.directory))
-        print(f"stopped: {stopped} (aimspax-like resume {config.output.directory})", file=sys.stderr)
-        return stopped.exit_code
+        return code
     finally:
         stop.uninstall()
     if summary.get("already_finished"):
@@ -186,6 +180,30 @@ def _report(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def stopped_exit(exc: BaseException, resume: str, where: str, interrupted: str | None = None) -> int | None:
+    """The exit code of a command that stopped mid-run with its state saved, after one stderr line.
+
+    ``resume`` is the command that continues; ``where`` names the path of a full disk that h5py
+    reported without a file name; ``interrupted`` replaces the line for a signal (``{signal}``
+    stands for its name). None: ``exc`` is no such stop (an ``OSError`` other than a full disk).
+    """
+    from aimspax_like.errors import CampaignInterrupted, CampaignStopped, DiskFull
+
+    if isinstance(exc, CampaignInterrupted):
+        line = f"{exc} ({resume})" if interrupted is None else interrupted.replace(
+            "{signal}", signal.Signals(exc.signum).name)
+        print(line, file=sys.stderr)
+        return 128 + exc.signum
+    if isinstance(exc, OSError):
+        if not disk_full(exc):
+            return None
+        exc = DiskFull(exc.filename or where)
+    if isinstance(exc, CampaignStopped):
+        print(f"stopped: {exc} ({resume})", file=sys.stderr)
+        return exc.exit_code
+    return None
 
 
 def disk_full(exc: BaseException | None) -> bool:

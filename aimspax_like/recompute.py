@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -66,7 +65,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The command: exit 0 done, 2 bad input, 3 labels keep failing, 128 + signum interrupted."""
-    from aimspax_like.errors import CampaignStopped, DiskFull
+    from aimspax_like.errors import CampaignStopped
     from aimspax_like.signals import StopFlag
 
     options = RecomputeOptions(run_dir=args.run_dir, reference=args.reference, out=args.out,
@@ -78,21 +77,14 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag().install()
     try:
         summary = recompute(options, should_stop=lambda: stop.signum)
-    except CampaignInterrupted as exc:
-        name = signal.Signals(exc.signum).name
-        print(f"stopped by {name}: every finished label is stored; continue with: {again}", file=sys.stderr)
-        return 128 + exc.signum
-    except CampaignStopped as exc:
-        print(f"stopped: {exc} ({again})", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        from aimspax_like.cli import disk_full
+    except (CampaignInterrupted, CampaignStopped, OSError) as exc:
+        from aimspax_like.cli import stopped_exit
 
-        if not disk_full(exc):
+        interrupted = f"stopped by {{signal}}: every finished label is stored; continue with: {again}"
+        code = stopped_exit(exc, again, str(args.out or args.run_dir), interrupted=interrupted)
+        if code is None:
             raise
-        stopped = DiskFull(exc.filename or str(args.out or args.run_dir))
-        print(f"stopped: {stopped} ({again})", file=sys.stderr)
-        return stopped.exit_code
+        return code
     finally:
         stop.uninstall()
     print(render(summary))

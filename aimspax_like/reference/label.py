@@ -58,6 +58,27 @@ def label(
     removed after a success unless ``keep_workdir`` is set (only when it was created here or was
     empty, so a caller's files are never deleted); after a failure it is kept as evidence.
     """
+    return run_in_scratch(_run, atoms, spec, workdir, faults, seed)
+
+
+def run_in_scratch(
+    target: Callable[..., Any],
+    atoms: Atoms,
+    spec: dict[str, Any],
+    workdir: str,
+    faults: dict[str, Any] | None = None,
+    seed: int | None = None,
+    extra: tuple[Any, ...] = (),
+    timeout_scale: float = 1.0,
+) -> Any:
+    """What every worker task of the reference shares: ``target(geometry, spec, folder, fault, *extra)``.
+
+    One fault draw, the scratch folder (absolute; removed after a success unless
+    ``keep_workdir``, and only when it was created here or was empty), the reference's timeout
+    (``timeout_s x timeout_scale``, in a killable child; CP2K times its persistent shell itself)
+    and the wall time. ``target`` never raises; what fails around it becomes a failure too.
+    Serves ``label`` and a stretch of reference MD (``md_segment.run_segment``).
+    """
     start = time.monotonic()
     fault = draw_fault(faults, seed)
     geometry = _geometry_only(atoms)
@@ -68,12 +89,12 @@ def label(
     except OSError as exc:
         return LabelFailure(FailureKind.CRASHED, f"cannot create workdir: {exc}", str(folder), 0.0)
     timeout_s = spec.get("timeout_s")
+    args = (geometry, spec, str(folder), fault, *extra)
     try:
         if timeout_s and spec["kind"] != "cp2k":  # CP2K times its persistent shell itself
-            outcome = _run_with_timeout(_run, (geometry, spec, str(folder), fault), str(folder),
-                                        float(timeout_s), start)
+            outcome = _run_with_timeout(target, args, str(folder), float(timeout_s) * timeout_scale, start)
         else:
-            outcome = _run(geometry, spec, str(folder), fault)
+            outcome = target(*args)
     except Exception as exc:  # e.g. no process could be started: still a failure, not a raise
         kind, message = classify_exception(exc)
         outcome = LabelFailure(kind, message, str(folder), 0.0)

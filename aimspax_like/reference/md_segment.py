@@ -19,17 +19,14 @@ Like ``label``, this module imports no torch, MACE or Parsl.
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from aimspax_like.reference.faults import InjectedFault, draw_fault
+from aimspax_like.reference.faults import InjectedFault
 from aimspax_like.reference.results import (
     FailureKind,
     LabelFailure,
@@ -129,34 +126,12 @@ def run_segment(
     ``timeout_s`` every step has that long: the segment runs in a child process that is killed
     after ``timeout_s x (steps + 1)`` seconds.
     """
-    from aimspax_like.reference.label import _geometry_only, _run_with_timeout
+    from aimspax_like.reference.label import run_in_scratch
 
     if request is None:
         raise ValueError("run_segment needs a SegmentRequest")
-    start = time.monotonic()
-    fault = draw_fault(faults, seed)
-    folder = Path(workdir).absolute()
-    removable = not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return LabelFailure(FailureKind.CRASHED, f"cannot create workdir: {exc}", str(folder), 0.0)
-    geometry = _geometry_only(atoms)
-    timeout_s = spec.get("timeout_s")
-    args = (geometry, spec, str(folder), fault, request)
-    try:
-        if timeout_s and spec["kind"] != "cp2k":
-            outcome = _run_with_timeout(_integrate, args, str(folder), float(timeout_s) * (request.steps + 1), start)
-        else:
-            outcome = _integrate(*args)
-    except Exception as exc:  # no child could be started: a failure, not a raise
-        kind, message = classify_exception(exc)
-        outcome = LabelFailure(kind, message, str(folder), 0.0)
-    outcome = replace(outcome, wall_s=time.monotonic() - start)
-    if outcome.ok and removable and not spec.get("keep_workdir"):
-        shutil.rmtree(folder, ignore_errors=True)
-        outcome = replace(outcome, workdir=None)
-    return outcome
+    return run_in_scratch(_integrate, atoms, spec, workdir, faults, seed, extra=(request,),
+                          timeout_scale=request.steps + 1)
 
 
 def _integrate(
