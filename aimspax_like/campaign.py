@@ -87,10 +87,10 @@ def check_start(config: CampaignConfig, structures: list[Atoms]) -> list[Labelle
     from aimspax_like.data.imports import read_imports
     from aimspax_like.data.provenance import check_one_reference
 
-    imported = read_imports(config, reference_fingerprint(config.reference))
+    campaign_reference = reference_fingerprint(config.reference)
+    imported = read_imports(config, campaign_reference)
     check_one_reference([f for f in imported if f.split in ("train", "valid")],
-                        allow_mixed=config.training.allow_mixed_references,
-                        campaign_reference=reference_fingerprint(config.reference))
+                        allow_mixed=config.training.allow_mixed_references, campaign_reference=campaign_reference)
     if config.model.start_from:
         from aimspax_like.start import load_start_members
 

@@ -130,6 +130,17 @@ class RunContext:
         )
         return frame
 
+    def store_frames(self, frames: list[LabelledFrame]) -> list[LabelledFrame]:
+        """Store frames labelled elsewhere (imported data) in one write; those already stored are
+        skipped by the same identity as ``store_label``'s. Returns the frames that were new."""
+        new = [f for f in frames if not (f.md_step >= 0 and self.is_stored(f.origin, f.trajectory, f.md_step))]
+        if new:
+            self.store.extend(new)
+            for frame in new:
+                self.stored_keys.add((frame.origin, frame.trajectory, frame.md_step))
+                self.split_counts[frame.split] = self.split_counts.get(frame.split, 0) + 1
+        return new
+
     def label_on_workers(
         self, phase: str, frames: list[Atoms], first_label: int, fields: list[dict[str, Any]] | None = None,
     ) -> list[LabelResult | None]:

@@ -34,12 +34,7 @@ def store_imports(ctx: Any, frames: list[LabelledFrame]) -> int:
     Their identity (``import``, source number, index in the file) makes a resumed campaign skip
     what it stored before. One ``data_imported`` event per source.
     """
-    new = [f for f in frames if not ctx.is_stored(f.origin, f.trajectory, f.md_step)]
-    if new:
-        ctx.store.extend(new)
-        for frame in new:
-            ctx.stored_keys.add((frame.origin, frame.trajectory, frame.md_step))
-            ctx.split_counts[frame.split] = ctx.split_counts.get(frame.split, 0) + 1
+    new = ctx.store_frames(frames)
     for number, source in enumerate(ctx.config.import_data):
         mine = [f for f in frames if f.trajectory == number]
         ctx.events.emit(
