@@ -17,6 +17,7 @@ so the summary of a resumed campaign covers every phase.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -62,11 +63,9 @@ def check_inputs(config: CampaignConfig) -> list[Atoms]:
     npt = _check_npt(config, structures)
     if config.reference.kind == "pyscf":
         check_spin(config.reference.charge, config.reference.spin, structures)
-    if config.cluster.kind == "slurm":
-        missing = [cmd for cmd in ("sbatch", "squeue", "scancel") if shutil.which(cmd) is None]
-        if missing:
-            raise ConfigError("cluster.kind", f"slurm, but {', '.join(missing)} not found on PATH "
-                              "(run the driver where SLURM's commands are, or use cluster.kind: local)")
+    from aimspax_like.execution.providers import check_scheduler_commands
+
+    check_scheduler_commands(config.cluster)
     if config.model.device == "cuda":
         check_cuda()
     if npt and not config.reference.compute_stress:
@@ -185,6 +184,29 @@ def _record_config(paths: RunPaths, config: CampaignConfig) -> None:
     text = config.resolved_yaml()
     write_atomic(paths.state / CONFIG_RECORD, text.encode())
     write_atomic(paths.config, text.encode())
+
+
+def driver_job() -> dict[str, Any]:
+    """The batch job this driver runs in, and how often it was restarted, when it runs in one.
+
+    The driver's job script passes them as ``AIMSPAX_DRIVER_JOB`` / ``AIMSPAX_DRIVER_RESTART``: it
+    clears the scheduler's own variables before the driver starts (label blocks submitted from
+    the driver would inherit them).
+    """
+    job = os.environ.get("AIMSPAX_DRIVER_JOB")
+    if not job:
+        return {}
+    restart = os.environ.get("AIMSPAX_DRIVER_RESTART", "")
+    return {"driver_job": job, "driver_restart": int(restart) if restart.isdigit() else 0}
+
+
+def _record_site(paths: RunPaths, record: dict[str, Any]) -> None:
+    """``site.yaml``: the profile this driver run was read with and every value it filled in."""
+    import yaml
+
+    text = "# The site profile of the latest driver run: its file and the values it set.\n"
+    text += yaml.safe_dump(record, sort_keys=False)
+    write_atomic(paths.root / "site.yaml", text.encode())
 
 
 def _resumable(config: CampaignConfig) -> RunPaths | None:
@@ -334,7 +356,10 @@ def _run_locked(
         executor = make_label_executor(config.cluster, paths.root, on_event=lambda name, f: events.emit(name, **f))
     ctx = RunContext(config, paths, store, events, executor, structures, on_progress=on_progress,
                      should_stop=should_stop or (lambda: 0))
-    events.emit("campaign_start", phases=list(phases), directory=str(paths.root), resume=resume)
+    events.emit("campaign_start", phases=list(phases), directory=str(paths.root), resume=resume, **driver_job())
+    if config.site_record is not None:
+        _record_site(paths, config.site_record)
+        events.emit("site_profile", **config.site_record)
     try:
         if imported:
             from aimspax_like.start import store_imports

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--overwrite", action="store_true", help="start the phase(s) over if already run")
         cmd.add_argument("--output", type=Path, help="run directory (overrides output.directory)")
         cmd.add_argument("--quiet", action="store_true", help="no live status display")
+        cmd.add_argument("--site", help="site profile, a name or a file (default: the config's 'site', "
+                         "else $AIMSPAX_SITE)")
         if name == "run":
             cmd.add_argument("--resume", action="store_true",
                              help="continue the run directory from its checkpoint (start it if missing)")
@@ -93,6 +95,7 @@ COMMAND_MODULES = (
     "aimspax_like.export",  # export
     "aimspax_like.convert",  # convert (an aims-PAX pair into a campaign YAML)
     "aimspax_like.recompute",  # recompute
+    "aimspax_like.jobscripts",  # jobscripts (the driver's batch script and a label block's)
 )
 
 
@@ -116,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         config.output.directory = args.run_dir
         args.overwrite, resume, phases = False, True, PHASES_OF["run"]
     else:
-        config = load_config(args.config)
+        config = load_config(args.config, site=args.site)
         if args.output is not None:
             config.output.directory = args.output
         resume, phases = getattr(args, "resume", False), PHASES_OF[args.command]

@@ -25,32 +25,26 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from aimspax_like.cluster_config import (  # noqa: F401  (the cluster section's names, as before)
+    BatchCluster,
+    ClusterConfig,
+    ExecutorConfig,
+    LauncherConfig,
+    LocalCluster,
+    ProviderConfig,
+    SlurmCluster,
+    walltime_seconds,
+)
+from aimspax_like.config_base import _Strict
 from aimspax_like.errors import ConfigError
-
-
-class _Strict(BaseModel):
-    """Base of every config section: unknown keys, loose scalars and non-finite floats are errors.
-
-    pydantic's lax mode would read YAML ``true`` as 1 and the string ``"5"`` as 5, so a slip in
-    the YAML would run as some other setting; strict mode takes only real ints (and ints for
-    floats). ``1e400`` (inf) or ``.nan`` would pass a ``gt=0`` bound check and be written into the
-    run directory's ``campaign.yaml`` as null, so floats must be finite. Paths are the exception
-    (``_Path``): YAML has no path type, they come as strings.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
-
 
 _Path = Annotated[Path, Strict(False)]
 """A path field: a YAML string or a ``Path`` (strict mode alone would take only ``Path``)."""
@@ -147,6 +141,12 @@ class _ReferenceBase(_Strict):
     compute_stress: bool = Field(False, description="Also label stress for periodic cells.")
     timeout_s: float | None = Field(None, gt=0, description="Wall limit of one label (seconds); null: none.")
     keep_workdir: bool = Field(False, description="Keep each label's scratch folder on success.")
+    warm: bool = Field(
+        True, description="Warm label workers: keep the calculator and its SCF density between a worker's "
+        "labels (pyscf, xtb, emt, lj; mace and import keep the process) and, with timeout_s, one persistent "
+        "child per worker instead of a fresh one per label; false: every label starts cold. aims always "
+        "starts fresh; cp2k always keeps its shell, and with false forgets its density before each label.",
+    )
 
 
 class EMTReference(_ReferenceBase):
@@ -575,151 +575,6 @@ class ALConfig(_Strict):
         return self.md[trajectory] if isinstance(self.md, list) else self.md
 
 
-class LocalCluster(_Strict):
-    """Labels in worker processes on this machine."""
-
-    kind: Literal["local"] = "local"
-    max_workers: int = Field(2, ge=1, description="Label worker processes.")
-    cores_per_worker: float = Field(1.0, gt=0, description="Cores one label uses (OMP_NUM_THREADS).")
-
-
-_WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
-
-
-def _lines(value: Any) -> Any:
-    """One string with newlines or a list of lines -> a list of lines (blank lines dropped).
-
-    Items that are not strings are left for the ``list[str]`` validation to name, not stripped.
-    """
-    if isinstance(value, str):
-        value = value.splitlines()
-    if not isinstance(value, list):
-        return value
-    return [line.strip() if isinstance(line, str) else line for line in value
-            if not isinstance(line, str) or line.strip()]
-
-
-class SlurmProviderConfig(_Strict):
-    """What each block asks SLURM for: Parsl's ``SlurmProvider`` (one block = one sbatch job).
-
-    Blocks are requested as labels queue up and released when idle, always between
-    ``min_blocks`` and ``max_blocks``; ``init_blocks`` are requested at start.
-    """
-
-    partition: str | None = Field(None, description="Partition of the label blocks (a CPU one).")
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = Field(None, description="#SBATCH --constraint, e.g. a CPU type.")
-    walltime: str = Field("01:00:00", description="Wall limit of one block, HH:MM:SS.")
-    nodes_per_block: int = Field(1, ge=1)
-    mem_per_node: int | None = Field(None, ge=1, description="GB per node; unset: SLURM's default.")
-    init_blocks: int = Field(0, ge=0, description="Blocks requested when the campaign starts.")
-    min_blocks: int = Field(0, ge=0, description="Blocks kept even when idle.")
-    max_blocks: int = Field(1, ge=1, validate_default=True, description="Never more blocks than this.")
-    exclusive: bool = Field(True, description="Whole nodes (#SBATCH --exclusive).")
-    scheduler_options: list[str] = Field(
-        default_factory=list, description="Extra #SBATCH lines; '--gres=...' gets the '#SBATCH ' prefix."
-    )
-    worker_init: list[str] = Field(
-        default_factory=list, description="Shell lines run before the workers start (module load, venv)."
-    )
-
-    _split_lines = field_validator("scheduler_options", "worker_init", mode="before")(_lines)
-
-    @field_validator("walltime")
-    @classmethod
-    def _hh_mm_ss(cls, value: str) -> str:
-        match = _WALLTIME.match(value)
-        if match is None:
-            raise ValueError("must be HH:MM:SS")
-        if not any(int(part) for part in match.groups()):
-            raise ValueError("must be longer than 00:00:00")
-        return value
-
-    @field_validator("scheduler_options")
-    @classmethod
-    def _sbatch_lines(cls, value: list[str]) -> list[str]:
-        lines = []
-        for line in value:
-            if line.startswith("-"):
-                line = f"#SBATCH {line}"
-            if not line.startswith("#SBATCH "):
-                raise ValueError(f"'{line}' is neither '#SBATCH ...' nor an sbatch option '--...'")
-            lines.append(line)
-        return lines
-
-    @field_validator("max_blocks")
-    @classmethod
-    def _covers_min_and_init(cls, value: int, info: ValidationInfo) -> int:
-        for key in ("min_blocks", "init_blocks"):
-            if key in info.data and info.data[key] > value:
-                raise ValueError(f"must be at least {key} ({info.data[key]})")
-        return value
-
-
-class SlurmLauncherConfig(_Strict):
-    """How the worker pool starts inside a block (Parsl's launchers).
-
-    ``single_node`` (Parsl's default) and ``simple`` start one pool in the batch script, which
-    leaves the allocation free for a reference that launches itself with ``srun -n 128 aims.x``;
-    ``srun`` starts one pool per node as a job step, for Python references on multi-node blocks
-    (an ``srun`` inside such a step would wait for cores the step already holds).
-    """
-
-    kind: Literal["srun", "single_node", "simple"] = "single_node"
-    overrides: str = Field("", description="Extra srun options (kind 'srun' only).")
-
-    @field_validator("overrides")
-    @classmethod
-    def _overrides_need_srun(cls, value: str, info: ValidationInfo) -> str:
-        kind = info.data.get("kind")
-        if value and kind is not None and kind != "srun":
-            raise ValueError(f"only used by kind 'srun', not '{kind}'")
-        return value
-
-
-class SlurmExecutorConfig(_Strict):
-    """Parsl's ``HighThroughputExecutor``: the workers of each node and how blocks scale."""
-
-    workers_per_node: int = Field(1, ge=1, description="Labels running at once on one node.")
-    cores_per_worker: float = Field(1.0, gt=0, description="Cores one label uses (OMP_NUM_THREADS).")
-    max_idletime_s: float = Field(120.0, ge=0, description="Idle seconds before a block is released.")
-    strategy_period_s: float = Field(5.0, gt=0, description="Seconds between Parsl's scaling decisions.")
-    address: str | None = Field(
-        None, description="Host or IP the compute nodes reach this driver at; default: its hostname."
-    )
-    interface: str | None = Field(None, description="Network interface to take the address from, e.g. ib0.")
-    worker_python: str | None = Field(
-        None, description="Python on the compute nodes; default: the driver's own (shared filesystem)."
-    )
-
-    @field_validator("interface")
-    @classmethod
-    def _one_address_source(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value and info.data.get("address"):
-            raise ValueError("give address or interface, not both")
-        return value
-
-
-class SlurmCluster(_Strict):
-    """Labels in SLURM jobs (Parsl blocks) that scale with the label queue."""
-
-    kind: Literal["slurm"] = "slurm"
-    provider: SlurmProviderConfig = Field(default_factory=SlurmProviderConfig)
-    launcher: SlurmLauncherConfig = Field(default_factory=SlurmLauncherConfig)
-    executor: SlurmExecutorConfig = Field(default_factory=SlurmExecutorConfig)
-
-
-def _local_unless_named(value: Any) -> Any:
-    # Configs written before the 'slurm' kind existed may leave out 'kind: local'.
-    return {**value, "kind": "local"} if isinstance(value, dict) and "kind" not in value else value
-
-
-ClusterConfig = Annotated[
-    LocalCluster | SlurmCluster, Field(discriminator="kind"), BeforeValidator(_local_unless_named)
-]
-
-
 class TestSetConfig(_Strict):
     """Held-out frames sampled at the end, never by the model under test, to report its error.
 
@@ -754,6 +609,10 @@ class OutputConfig(_Strict):
     )
 
 
+_BLOCK_START_S = 60
+"""Seconds a block's walltime must leave beyond one label: worker start-up and staging."""
+
+
 class CampaignConfig(_Strict):
     system: SystemConfig
     import_data: list[ImportSource] = Field(
@@ -771,6 +630,31 @@ class CampaignConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=LocalCluster, description="Where the labels run.")
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = Field(0, description="Base seed; member k gets seed + k unless model.seeds is set.")
+    site: str | None = Field(
+        None, description="Site profile (a name or a file) with this machine's settings; its values are "
+        "filled in when the file is read and recorded in the run's site.yaml, so the run's campaign.yaml "
+        "holds them and says null here.",
+    )
+    _site_record: dict[str, Any] | None = PrivateAttr(None)
+
+    @property
+    def site_record(self) -> dict[str, Any] | None:
+        """The site profile this config was read with: name, file and the values it set."""
+        return self._site_record
+
+    @model_validator(mode="after")
+    def _labels_fit_in_a_block(self) -> CampaignConfig:
+        """A label's time limit must fit in a block's walltime, with a minute for the worker to
+        start: otherwise the scheduler, not the engine, ends every long label, and the label is
+        retried in another block that ends it the same way."""
+        timeout_s = self.reference.timeout_s
+        if timeout_s and isinstance(self.cluster, BatchCluster):
+            walltime = self.cluster.provider.walltime
+            if timeout_s + _BLOCK_START_S > walltime_seconds(walltime):
+                raise ConfigError("reference.timeout_s", f"{timeout_s:g} s + {_BLOCK_START_S} s to start a "
+                                  f"worker exceeds cluster.provider.walltime ({walltime}); lower the one or "
+                                  "raise the other")
+        return self
 
     def member_seeds(self) -> list[int]:
         if self.model.seeds is not None:
@@ -922,7 +806,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 
 _UNION_TAGS = {"emt", "lj", "xtb", "pyscf", "aims", "cp2k", "import", "mace", "MDConfig", "list[MDConfig]", "local",
-               "slurm"}
+               "slurm", "pbspro", "lsf", "sge", "torque", "condor"}
 
 
 def _what(data: Any) -> str:
@@ -952,14 +836,34 @@ def config_from_dict(data: Any, source: str = "config") -> CampaignConfig:
         raise ConfigError(key, f"{message} (got {_one_line(repr(first.get('input')), limit=80)})") from None
 
 
-def load_config(path: str | Path) -> CampaignConfig:
+def load_config(path: str | Path, site: str | None = None) -> CampaignConfig:
     """Read and validate a campaign YAML; relative structure paths resolve against its folder.
 
     So do a ``mace`` reference's model file, an ``idg.foundation_model`` file found there, the
-    ``import_data`` files and the ``model.start_from`` files.
+    ``import_data`` files and the ``model.start_from`` files. A site profile (``site``, else the
+    file's ``site`` key, else ``$AIMSPAX_SITE``) fills in what the file leaves out
+    (``aimspax_like.site``).
     """
+    from aimspax_like.site import apply_profile, chosen_profile, find_profile, read_profile
+
     path = Path(path)
-    config = config_from_dict(read_yaml(path), source=str(path))
+    raw = read_yaml(path)
+    record = None
+    name = chosen_profile(raw, site) if isinstance(raw, dict) else None
+    if name is not None:
+        profile_path = find_profile(name, relative_to=path.resolve().parent)
+        profile = read_profile(profile_path)
+        raw, applied = apply_profile(raw, profile)
+        raw["site"] = None
+        record = {"name": profile.name or profile_path.stem, "file": str(profile_path), "applied": applied}
+    try:
+        config = config_from_dict(raw, source=str(path))
+    except ConfigError as exc:
+        if record is not None and any(exc.key == key or exc.key.startswith(f"{key}.") or key.startswith(f"{exc.key}.")
+                                      for key in record["applied"]):
+            raise ConfigError(exc.key, f"{exc.message} (set by site profile {record['file']})") from None
+        raise
+    config._site_record = record
     base = path.resolve().parent
     config.system.structures = [p if p.is_absolute() else base / p for p in config.system.structures]
     if isinstance(config.reference, MACEReference) and not config.reference.model.is_absolute():

@@ -213,7 +213,6 @@ def plan(options: RecomputeOptions) -> Plan:
 
 def _check_setup(config: Any, frames: list[Any]) -> None:
     """The new reference must be able to label these frames (elements, packages, spin, cells)."""
-    import shutil
 
     from ase import Atoms
 
@@ -239,10 +238,9 @@ def _check_setup(config: Any, frames: list[Any]) -> None:
         # The original labels carry stress (an NPT campaign): the relabelled set must too.
         config.reference.compute_stress = True
         print("note: reference.compute_stress switched on: the original labels carry stress", file=sys.stderr)
-    if config.cluster.kind == "slurm":
-        missing = [cmd for cmd in ("sbatch", "squeue", "scancel") if shutil.which(cmd) is None]
-        if missing:
-            raise ConfigError("cluster.kind", f"slurm, but {', '.join(missing)} not found on PATH")
+    from aimspax_like.execution.providers import check_scheduler_commands
+
+    check_scheduler_commands(config.cluster)
 
 
 def read_state(out: Path) -> dict[str, Any] | None:

@@ -6,7 +6,8 @@
 # slurmctld and slurmd run as root, without systemd; their pid files and logs are under
 # /run and /var/log/slurm. The node is this machine (its real hostname, CPUs and memory, read
 # from `slurmd -C`) in one default partition, `debug`. There are no cgroups (proctrack/linuxproc,
-# task/none) and no accounting daemon: `sacct` is off, jobs are checked with squeue/scontrol.
+# task/none) and no accounting daemon: jobs are checked with squeue/scontrol, and `sacct -c`
+# reads the job completion log.
 #
 # Idempotent: daemons that are already running are left alone (the config is rewritten and
 # the daemons restarted only when the config changed), and the script returns as soon as
@@ -105,10 +106,12 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# No slurmdbd: sacct is off and Parsl's SlurmProvider falls back to squeue.
+# No slurmdbd: plain sacct says accounting is disabled (so Parsl's SlurmProvider falls back to
+# squeue), while `sacct -c` reads the job completion log: every end of a job, requeues included.
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$LOG_DIR/jobcomp.log
 # Fast turnaround for tests: cancelled and finished jobs leave the queue quickly.
 MinJobAge=30
 KillWait=5

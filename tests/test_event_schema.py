@@ -72,7 +72,7 @@ def test_the_doc_lists_no_event_the_engine_never_writes():
 
 
 def test_fields_that_arrive_through_double_star_are_documented():
-    from aimspax_like.execution import _placement
+    from aimspax_like.execution import placement
     from aimspax_like.models.training import MemberMetrics
     from aimspax_like.probe import ProbeResult
     from aimspax_like.scheduler import ALResult
@@ -81,7 +81,7 @@ def test_fields_that_arrive_through_double_star_are_documented():
     assert {f.name for f in dataclasses.fields(ALResult)} <= doc["al_stop"]
     assert {f.name for f in dataclasses.fields(MemberMetrics)} <= doc["converged"]
     assert set(ProbeResult(True, 3, "").as_dict()) <= doc["idg_probe"]
-    assert set(_placement()) <= doc["label_placed"]
+    assert set(placement()) <= doc["label_placed"]
 
 
 def test_every_record_of_a_real_campaign_is_documented(finished_campaign):

@@ -19,7 +19,7 @@ from campaign_helpers import tiny_config
 from aimspax_like.campaign import run_campaign
 from aimspax_like.config import SlurmCluster, config_from_dict
 from aimspax_like.events import read_events
-from aimspax_like.execution import SlurmLabelExecutor
+from aimspax_like.execution import ParslLabelExecutor
 from aimspax_like.reference.results import LabelResult
 
 pytestmark = pytest.mark.slurm
@@ -88,7 +88,7 @@ def test_label_burst_scales_blocks_out_and_back_in(partition: str, tmp_path: Pat
         "executor": {"workers_per_node": 1, "max_idletime_s": 3, "strategy_period_s": 1},
     })
     idle_s = cluster.executor.max_idletime_s
-    with SlurmLabelExecutor(cluster, tmp_path, on_event=record) as executor:
+    with ParslLabelExecutor(cluster, tmp_path, on_event=record) as executor:
         assert executor.block_states() == {}  # min_blocks = init_blocks = 0: nothing until labels come
         atoms = Icosahedron("Cu", 2)
         futures = [
@@ -141,7 +141,7 @@ def test_unusable_partition_fails_labels_instead_of_hanging(partition: str, tmp_
         "provider": {"partition": f"{partition}-no-such-partition", "walltime": "00:05:00", "exclusive": False},
         "executor": {"max_idletime_s": 3, "strategy_period_s": 1},
     })
-    with SlurmLabelExecutor(cluster, tmp_path, on_event=lambda n, d: events.append((n, d))) as executor:
+    with ParslLabelExecutor(cluster, tmp_path, on_event=lambda n, d: events.append((n, d))) as executor:
         future = executor.submit(Icosahedron("Cu", 2), {"kind": "emt"}, str(tmp_path / "never"))
         with pytest.raises(BadStateException, match="invalid partition"):
             future.result(timeout=60)
@@ -212,3 +212,70 @@ def test_slurm_job_state_tells_a_cancelled_job_from_a_completed_one(partition: s
     assert slurm_job_state(cancelled) == "CANCELLED"
     assert slurm_job_state(completed) == "COMPLETED"
     assert slurm_job_state(None) is None
+
+
+def _job_field(job_id: str, field: str) -> str | None:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return next((word.split("=", 1)[1] for word in out.split() if word.startswith(f"{field}=")), None)
+
+
+def _wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def test_driver_job_warned_before_its_walltime_saves_requeues_and_finishes(partition: str, tmp_path: Path) -> None:
+    """The driver's job script (``aimspax-like jobscripts``) in a real SLURM job: the walltime
+    warning (sent here by ``scancel --signal=TERM --batch``, exactly what ``--signal=B:TERM@grace``
+    delivers) makes the driver save mid-AL; the job requeues itself, continues with --resume and
+    finishes. SLURM holds a requeued job back for a while; the test lets it start at once."""
+    import json
+    import sys
+
+    import yaml
+
+    from aimspax_like.jobscripts import driver_script
+
+    data = tiny_config(tmp_path, test_set={"size": 2})
+    data["cluster"] = {"kind": "local", "max_workers": 1}
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump(data))
+    script = tmp_path / "driver.sbatch"
+    script.write_text(driver_script(
+        "slurm", str(tmp_path / "campaign.yaml"), str(script), walltime="00:20:00", grace_s=120, max_restarts=2,
+        directives=[f"--partition={partition}", "--cpus-per-task=1"], workdir=str(tmp_path),
+        command=str(Path(sys.executable).with_name("aimspax-like"))))
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                               check=True, timeout=30)
+    job = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / "run" / "logs" / "events.jsonl"
+
+    def events() -> list[dict]:
+        return read_events(log) if log.is_file() else []
+
+    try:
+        _wait_for(lambda: any(e["event"] == "al_start" for e in events()), 300, "active learning to start")
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
+        _wait_for(lambda: _job_field(job, "Restarts") == "1" and _job_field(job, "JobState") == "PENDING", 120,
+                  "the job to requeue itself")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], check=True, timeout=30)
+        _wait_for(lambda: job not in _queued({job}), 600, "the requeued job to finish")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    output = (tmp_path / f"aimspax-driver-{job}.out").read_text()
+    records = events()
+    starts = [(e["driver_job"], e["driver_restart"], e["resume"]) for e in records if e["event"] == "campaign_start"]
+    print(f"\n{output}\n" + "\n".join(json.dumps(e) for e in records if e["event"].startswith("campaign")))
+    assert starts == [(job, 0, True), (job, 1, True)], starts
+    interrupted = [e for e in records if e["event"] == "campaign_interrupted"]
+    assert len(interrupted) == 1 and interrupted[0]["signal"] == 15 and interrupted[0]["phase"] == "al"
+    assert output.count("driver exited with 143") == 1 and output.count("driver exited with 0") == 1
+    assert (tmp_path / "run" / "report" / "summary.json").is_file()
+    # The job completion log (sacct -c) has one record per run of the job: the requeued run (SLURM
+    # 22.05 logs its state at that moment, PENDING) and the finished one.
+    completions = subprocess.run(["sacct", "-c", "-j", job, "-n", "-o", "JobID,State"], capture_output=True,
+                                 text=True, timeout=30).stdout.split()
+    states = completions[1::2]
+    assert completions[::2] == [job, job] and states[0] in ("REQUEUED", "PENDING") and states[1] == "COMPLETED", \
+        completions

@@ -4,7 +4,7 @@ Parsl starts the interchange as a child process of the driver but never notices 
 death: after a SIGKILL, an OOM kill or a node failure of the driver's job, the interchange lives
 on (re-parented to init) and keeps its worker pools alive, holding cores, or on SLURM whole
 allocations, until someone kills them by hand. Run as the interchange's launch command
-(``python -m aimspax_like.interchange_guard``), this module starts a watcher thread and then runs
+(``python -m aimspax_like.execution.interchange_guard``), this module starts a watcher thread and then runs
 the interchange itself in the same process, so Parsl's process handle, its signals and the
 config it writes to stdin all reach the interchange unchanged. When the parent is gone, the
 watcher ends the process; the worker pools then lose their interchange and exit after their
