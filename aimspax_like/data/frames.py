@@ -36,7 +36,7 @@ PROVENANCE_KEYS = ("split", "origin", "trajectory", "md_step", "uncertainty", "m
 SOURCE_BYTES = 256  # the store's fixed width of ``source`` (UTF-8)
 
 # Reference settings that change how a label is run but never its numbers.
-_NON_NUMERIC_KEYS = frozenset({"timeout_s", "keep_workdir"})
+_NON_NUMERIC_KEYS = frozenset({"timeout_s", "keep_workdir", "warm"})  # how, not what, is computed
 _NON_NUMERIC_BY_KIND = {"aims": frozenset({"command"})}
 
 

@@ -28,13 +28,15 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from aimspax_like.reference.results import FailureKind, LabelFailure, LabelOutcome, LabelResult, one_line
+from aimspax_like.reference.scf_checks import AIMS_SCF_FAILURE_MARKS
 
 OUTPUT_NAME = "aims.out"
 ERROR_NAME = "aims.err"
 FINISHED_MARK = "Have a nice day."
-# Real FHI-aims failure texts: "*** scf_solver: SCF cycle not converged." (sc_iter_limit hit)
-# and the upper-case warning some versions print before stopping.
-SCF_FAILURE_MARKS = ("scf cycle not converged", "self-consistency cycle did not converge")
+# Real FHI-aims failure texts (``scf_checks.MARKERS``): "*** scf_solver: SCF cycle not converged."
+# (sc_iter_limit hit, FHI-aims stops) and "* WARNING! SELF-CONSISTENCY CYCLE DID NOT CONVERGE"
+# (printed when it carries on with postprocess_anyway: the results that follow are not a label).
+SCF_FAILURE_MARKS = AIMS_SCF_FAILURE_MARKS
 
 # Launchers that may precede the FHI-aims executable in the configured command.
 LAUNCHERS = frozenset({"srun", "mpirun", "mpiexec", "mpiexec.hydra", "aprun", "ibrun", "jsrun", "orterun"})

@@ -70,7 +70,8 @@ def make_calculator(spec: dict[str, Any], workdir: str | Path) -> BaseCalculator
         from aimspax_like.reference.pyscf_calc import PySCFCalculator
 
         keys = ("xc", "basis", "charge", "spin", "max_cycle", "conv_tol")
-        return PySCFCalculator(directory=str(workdir), **{k: spec[k] for k in keys if k in spec})
+        return PySCFCalculator(directory=str(workdir), warm=bool(spec.get("warm", True)),
+                               **{k: spec[k] for k in keys if k in spec})
     if kind == "aims":
         from aimspax_like.reference.aims import make_aims_calculator
 
@@ -84,6 +85,18 @@ def make_calculator(spec: dict[str, Any], workdir: str | Path) -> BaseCalculator
     if kind == "mace":
         return mace_reference_calculator(spec)
     raise SetupError(f"unknown reference kind {kind!r}")
+
+
+def keep_in_scratch(calc: BaseCalculator, workdir: str | Path) -> None:
+    """Point a file-writing calculator left in the working folder (ASE's default, ``.``) at the
+    label's scratch folder, so that its inputs and outputs never land where the driver runs.
+
+    ASE's older calculators keep ``directory`` as a string, its newer file-IO ones as a ``Path``:
+    the new value keeps the type.
+    """
+    current = getattr(calc, "directory", None)
+    if current is not None and str(current) in (".", ""):
+        calc.directory = Path(workdir) if isinstance(current, Path) else str(workdir)
 
 
 def mace_reference_calculator(spec: dict[str, Any]) -> BaseCalculator:

@@ -83,6 +83,7 @@ from aimspax_like.reference.results import (
     classify_exception,
     one_line,
 )
+from aimspax_like.reference.scf_checks import CP2K_SCF_FAILURE_MARKS
 
 DEFAULT_COMMAND = "cp2k_shell"
 DEFAULT_BASIS_FILE = "BASIS_MOLOPT"
@@ -93,8 +94,8 @@ OUTPUT_NAME = "cp2k.out"
 REBUILD_STRAIN = 0.05
 # A shell's output file is started afresh (new force environment) past this size.
 MAX_OUTPUT_BYTES = 50_000_000
-# CP2K's SCF gave up: the 2023 warning and the wording of later versions' error.
-SCF_FAILURE_MARKS = ("scf run not converged", "scf not converged")
+# CP2K's SCF gave up: the 2023 warning and the wording of later versions' error (``scf_checks``).
+SCF_FAILURE_MARKS = CP2K_SCF_FAILURE_MARKS
 # Functionals with GTH pseudopotentials of their own name; others fall back to GTH-PBE.
 _GTH_FUNCTIONALS = {"PBE": "GTH-PBE", "BLYP": "GTH-BLYP", "BP": "GTH-BP", "PADE": "GTH-PADE", "LDA": "GTH-PADE"}
 # Where a CP2K installation keeps its data files, relative to the bin/ folder of the executable.

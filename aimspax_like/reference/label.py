@@ -8,6 +8,11 @@ Timeouts need a separate process: a hung SCF inside a C extension cannot be inte
 Python. With ``timeout_s`` set the calculation runs in a fresh Python child in its own session,
 so that on timeout the whole process group, including an MPI launcher and FHI-aims under it,
 is terminated and then killed. Without ``timeout_s`` it runs in the calling process.
+
+Warm workers (``reference.warm``, on by default; ``warm_worker``): the in-process Python
+references keep their calculator, and so their SCF density, between the labels of a worker,
+and their timed labels run on one persistent child per worker (killed, and started again cold,
+only on a timeout or a crash) instead of a fresh one per label.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from aimspax_like.reference.calculators import make_calculator
+from aimspax_like.reference.calculators import keep_in_scratch
 from aimspax_like.reference.faults import InjectedFault, draw_fault
 from aimspax_like.reference.results import (
     FailureKind,
@@ -38,6 +43,8 @@ from aimspax_like.reference.results import (
     SCFNotConverged,
     classify_exception,
 )
+from aimspax_like.reference.scf_checks import scf_failure
+from aimspax_like.reference.warm_worker import label_calculator, run_on_server, run_target, serves
 
 __all__ = ["LabelOutcome", "SCFNotConverged", "label"]
 
@@ -92,9 +99,10 @@ def run_in_scratch(
     args = (geometry, spec, str(folder), fault, *extra)
     try:
         if timeout_s and spec["kind"] != "cp2k":  # CP2K times its persistent shell itself
-            outcome = _run_with_timeout(target, args, str(folder), float(timeout_s) * timeout_scale, start)
+            runner = run_on_server if serves(spec) else _run_with_timeout  # warm: one child per worker
+            outcome = runner(target, args, str(folder), float(timeout_s) * timeout_scale, start)
         else:
-            outcome = target(*args)
+            outcome = run_target(target, args)  # a failure drops the worker's warm calculator
     except Exception as exc:  # e.g. no process could be started: still a failure, not a raise
         kind, message = classify_exception(exc)
         outcome = LabelFailure(kind, message, str(folder), 0.0)
@@ -119,6 +127,7 @@ def _geometry_only(atoms: Atoms) -> Atoms:
 def _run(atoms: Atoms, spec: dict[str, Any], workdir: str, fault: InjectedFault | None) -> LabelOutcome:
     """Run the calculation in this process; every exception becomes a classified failure."""
     want_stress = bool(spec.get("compute_stress")) and bool(all(atoms.pbc))
+    calc: Any = None
     try:
         if spec["kind"] == "cp2k":  # one CP2K shell per worker; it applies faults and timeouts
             from aimspax_like.reference.cp2k import run_cp2k
@@ -131,16 +140,21 @@ def _run(atoms: Atoms, spec: dict[str, Any], workdir: str, fault: InjectedFault 
 
             outcome = run_aims(atoms, spec, workdir, want_stress)
         else:
-            calc = make_calculator(spec, workdir)
-            if getattr(calc, "directory", None) == ".":
-                calc.directory = workdir  # file-writing imported calculators stay in scratch
+            calc = label_calculator(spec, workdir)  # the worker's kept one when warm
+            keep_in_scratch(calc, workdir)  # file-writing imported calculators stay in scratch
             atoms.calc = calc
             energy = atoms.get_potential_energy()
             forces = atoms.get_forces()
             stress = atoms.get_stress(voigt=True) if want_stress else None
-            outcome = LabelResult(energy, forces, stress, workdir, 0.0)
+            unconverged = scf_failure(calc, workdir)  # codes that report a failed SCF without raising
+            if unconverged:
+                return LabelFailure(FailureKind.SCF_NOT_CONVERGED, unconverged, workdir, 0.0)
+            outcome = LabelResult(energy, forces, stress, workdir, 0.0, scf_cycles=getattr(calc, "scf_cycles", None))
     except Exception as exc:
         kind, message = classify_exception(exc)
+        unconverged = scf_failure(calc, workdir) if calc is not None and kind is FailureKind.CRASHED else None
+        if unconverged:  # e.g. ASE could not read pw.x's output because pw.x stopped unconverged
+            kind, message = FailureKind.SCF_NOT_CONVERGED, f"{unconverged} ({message})"
         return LabelFailure(kind, message, workdir, 0.0)
     return _require_finite(outcome, len(atoms))
 

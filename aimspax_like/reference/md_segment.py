@@ -31,6 +31,7 @@ from aimspax_like.reference.results import (
     FailureKind,
     LabelFailure,
     LabelResult,
+    SCFNotConverged,
     classify_exception,
 )
 
@@ -105,14 +106,40 @@ class _StepFailed(Exception):
         self.failure = failure
 
 
+class _SCFCheckedCalculator(Calculator):
+    """An imported calculator whose every evaluation is checked as a label is (``scf_checks``):
+    a step whose SCF did not converge raises ``SCFNotConverged`` instead of moving the atoms on
+    unconverged forces (ASE's ``Vasp`` and ``Espresso`` can return them without raising)."""
+
+    def __init__(self, inner: Any, workdir: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.workdir = workdir
+        self.implemented_properties = list(getattr(inner, "implemented_properties", ("energy", "forces")))
+
+    def calculate(self, atoms: Atoms | None = None, properties: Any = ("energy",),
+                  system_changes: Any = all_changes) -> None:
+        from aimspax_like.reference.scf_checks import scf_failure
+
+        super().calculate(atoms, properties, system_changes)
+        assert self.atoms is not None
+        for name in properties:
+            self.inner.get_property(name, self.atoms)
+        unconverged = scf_failure(self.inner, self.workdir)
+        if unconverged:
+            raise SCFNotConverged(unconverged)
+        self.results = dict(self.inner.results)
+
+
 def _calculator(spec: dict[str, Any], workdir: str) -> Calculator:
     if spec["kind"] in ("aims", "cp2k"):
         return _LabelCalculator(spec, workdir)
-    from aimspax_like.reference.calculators import make_calculator
+    from aimspax_like.reference.calculators import keep_in_scratch, make_calculator
 
     calc = make_calculator(spec, workdir)
-    if getattr(calc, "directory", None) == ".":
-        calc.directory = workdir
+    keep_in_scratch(calc, workdir)
+    if spec["kind"] == "import":  # the built-in kinds raise on a failed SCF or have none
+        return _SCFCheckedCalculator(calc, workdir)
     return calc
 
 
@@ -200,6 +227,6 @@ def segment_with_placement(
     seed: int | None = None, request: SegmentRequest | None = None,
 ) -> tuple[SegmentOutcome, dict[str, Any]]:
     """``run_segment`` and where it ran (SLURM workers), as ``execution.label_with_placement``."""
-    from aimspax_like.execution import _placement
+    from aimspax_like.execution.worker_tasks import placement
 
-    return run_segment(atoms, spec, workdir, faults, seed, request), _placement()
+    return run_segment(atoms, spec, workdir, faults, seed, request), placement()

@@ -43,8 +43,9 @@ def one_line(text: str, limit: int = _MESSAGE_LIMIT) -> str:
 class LabelResult:
     """A successful label: energy (eV), forces (eV/A) and, when asked for, stress (eV/A^3, Voigt).
 
-    ``workdir`` is None when the scratch folder was removed. Instances compare by identity
-    (``eq=False``): field-wise ``==`` on NumPy arrays has no single truth value.
+    ``workdir`` is None when the scratch folder was removed. ``scf_cycles`` is the number of SCF
+    iterations the label took, where the reference reports it (PySCF), else None. Instances
+    compare by identity (``eq=False``): field-wise ``==`` on NumPy arrays has no single truth value.
     """
 
     energy: float
@@ -52,6 +53,7 @@ class LabelResult:
     stress: np.ndarray | None
     workdir: str | None
     wall_s: float
+    scf_cycles: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise once here, so consumers never see lists, float32 or views of calculator state.
