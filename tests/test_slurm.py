@@ -259,7 +259,7 @@ def test_driver_job_warned_before_its_walltime_saves_requeues_and_finishes(parti
         subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
         _wait_for(lambda: _job_field(job, "Restarts") == "1" and _job_field(job, "JobState") == "PENDING", 120,
                   "the job to requeue itself")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
         _wait_for(lambda: job not in _queued({job}), 600, "the requeued job to finish")
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
