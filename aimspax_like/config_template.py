@@ -96,7 +96,7 @@ def _template_other_kinds(name: str, field: FieldInfo, value: BaseModel, indent:
 def _template_note(field: FieldInfo, value: Any) -> str:
     note = field.description or (_doc_summary(type(value)) if isinstance(value, BaseModel) else "")
     if field.discriminator is not None:
-        kinds = [get_args(v.model_fields[field.discriminator].annotation)[0] for v in _variants(field)]
+        kinds = [kind for v in _variants(field) for kind in get_args(v.model_fields[field.discriminator].annotation)]
         note = f"{note} {field.discriminator}: {' | '.join(kinds)}.".strip()
     choices = _choices(field.annotation)
     if len(choices) > 1:
