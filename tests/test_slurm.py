@@ -229,7 +229,7 @@ def _wait_for(check, timeout: float, what: str) -> None:
 def test_driver_job_warned_before_its_walltime_saves_requeues_and_finishes(partition: str, tmp_path: Path) -> None:
     """The driver's job script (``aimspax-like jobscripts``) in a real SLURM job: the walltime
     warning (sent here by ``scancel --signal=TERM --batch``, exactly what ``--signal=B:TERM@grace``
-    delivers) makes the driver save mid-AL; the job requeues itself, continues with --resume and
+    delivers) makes the driver save mid-campaign; the job requeues itself, continues with --resume and
     finishes. SLURM holds a requeued job back for a while; the test lets it start at once."""
     import json
     import sys
@@ -269,7 +269,8 @@ def test_driver_job_warned_before_its_walltime_saves_requeues_and_finishes(parti
     print(f"\n{output}\n" + "\n".join(json.dumps(e) for e in records if e["event"].startswith("campaign")))
     assert starts == [(job, 0, True), (job, 1, True)], starts
     interrupted = [e for e in records if e["event"] == "campaign_interrupted"]
-    assert len(interrupted) == 1 and interrupted[0]["signal"] == 15 and interrupted[0]["phase"] == "al"
+    # Sent once AL started: it lands in AL or, on a busy machine, already in convergence training.
+    assert len(interrupted) == 1 and interrupted[0]["signal"] == 15 and interrupted[0]["phase"] in ("al", "converge")
     assert output.count("driver exited with 143") == 1 and output.count("driver exited with 0") == 1
     assert (tmp_path / "run" / "report" / "summary.json").is_file()
     # The job completion log (sacct -c) has one record per run of the job: the requeued run (SLURM
