@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import sys
 import tempfile
 import typing
@@ -195,31 +196,42 @@ def build_provider(cluster: BatchCluster | LocalCluster) -> ExecutionProvider:
     return _load(PROVIDER_CLASSES[cluster.kind])(**keywords)
 
 
+_FAKE_SUBMIT_REPLY = {"lsf": "Job <4242> is submitted to queue <q>.", "condor": "1 job(s) submitted to cluster 4242."}
+
+
 def block_script(cluster: BatchCluster, command: str = "WORKER_POOL_COMMAND") -> str:
     """The batch script Parsl would submit for one block of ``cluster``, without submitting it.
 
-    Runs the provider's own ``submit``; its one submit command (``sbatch FILE``, ``qsub FILE``,
-    ``bsub < FILE`` ...) is caught and answered with a made-up job id, and the script file it
-    names is read back. ``command`` stands for the worker-pool command Parsl fills in.
+    Runs the provider's own ``submit`` with stand-ins for the scheduler's submit commands first
+    on ``PATH`` (``sbatch``, ``qsub``, ``bsub``, ``condor_submit``): they record how they were
+    called and answer with a made-up job id, so nothing reaches a real scheduler even on a
+    cluster. The script file Parsl wrote is read back; ``command`` stands for the worker-pool
+    command Parsl fills in.
     """
     provider = build_provider(cluster)
-    caught: list[str] = []
-
-    def catch(cmd: str, timeout: float | None = None) -> tuple[int, str, str]:
-        caught.append(cmd)
-        fake = {"lsf": "Job <4242> is submitted to queue <q>.", "condor": "1 job(s) submitted to cluster 4242."}
-        return 0, fake.get(cluster.kind, "Submitted batch job 4242") + "\n", ""
-
+    reply = _FAKE_SUBMIT_REPLY.get(cluster.kind, "Submitted batch job 4242")
     with tempfile.TemporaryDirectory(prefix="aimspax-block-") as folder:
-        provider.script_dir = folder  # type: ignore[attr-defined]
-        provider.execute_wait = catch  # type: ignore[method-assign]
-        provider.submit(command, 1, "parsl.labels.block-0")
-        scripts = sorted(path for path in Path(folder).iterdir() if path.is_file())
-        if not scripts:
-            raise RuntimeError(f"Parsl's {type(provider).__name__} wrote no submit script (ran: {caught})")
+        stubs, scripts_dir, log = Path(folder, "bin"), Path(folder, "scripts"), Path(folder, "submitted")
+        stubs.mkdir()
+        scripts_dir.mkdir()
+        for name in {"sbatch", "qsub", "bsub", "condor_submit"}:
+            stub = stubs / name
+            stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\necho "{reply}"\n')
+            stub.chmod(0o755)
+        provider.script_dir = str(scripts_dir)  # type: ignore[attr-defined]
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{stubs}{os.pathsep}{path}"
+        try:
+            provider.submit(command, 1, "parsl.labels.block-0")
+        finally:
+            os.environ["PATH"] = path
+        caught = log.read_text().splitlines() if log.is_file() else []
+        scripts = sorted(p for p in scripts_dir.iterdir() if p.is_file())
+        if not scripts or not caught:
+            raise RuntimeError(f"Parsl's {type(provider).__name__} submitted no script (ran: {caught})")
         # Parsl writes the script and the block's logs to its run folder; name that, not ours.
-        text = scripts[0].read_text().replace(folder, "RUN_DIR/parsl/NNN/submit_scripts")
-        submit = " ".join(caught[-1].split()).replace(str(scripts[0]), "SCRIPT") if caught else "?"
+        text = scripts[0].read_text().replace(str(scripts_dir), "RUN_DIR/parsl/NNN/submit_scripts")
+        submit = " ".join(caught[-1].split()).replace(str(scripts[0]), "SCRIPT")
     # Some options travel on the submit command, not in the script (PBS: -q, -A): show it.
     first, _, rest = text.partition("\n")
     return f"{first}\n# submitted by Parsl as: {submit}\n{rest}"
