@@ -61,8 +61,9 @@ def _directives(kind: str, name: str, walltime: str, grace_s: int, requeue: bool
 
 def _restart_command(kind: str, mode: str, script: str) -> str:
     quoted = shlex.quote(script)
-    if kind == "slurm" and mode == "requeue":
-        return 'scontrol requeue "$JOB"'
+    if kind == "slurm" and mode == "requeue":  # a site that refuses requeues gets a new job instead
+        return (f'{{ scontrol requeue "$JOB" || {{ echo "requeue refused: submitting a new job"; '
+                f'sbatch --export=ALL,{_RESTART_VARIABLE}=$((RESTART + 1)) {quoted}; }}; }}')
     if kind == "slurm":
         return f'sbatch --export=ALL,{_RESTART_VARIABLE}=$((RESTART + 1)) {quoted}'
     if kind in ("pbspro", "torque", "sge"):
@@ -93,7 +94,8 @@ def driver_script(
     if grace_s >= walltime_seconds(walltime):
         raise ConfigError("driver.grace_s", f"{grace_s} s is not shorter than the walltime {walltime}")
     requeue = kind == "slurm" and restart == "requeue"
-    restart_count = "${SLURM_RESTART_COUNT:-0}" if requeue else f"${{{_RESTART_VARIABLE}:-0}}"
+    restart_count = (f"${{SLURM_RESTART_COUNT:-${{{_RESTART_VARIABLE}:-0}}}}" if requeue
+                     else f"${{{_RESTART_VARIABLE}:-0}}")
     job = {"slurm": "${SLURM_JOB_ID:-}", "pbspro": "${PBS_JOBID:-}", "torque": "${PBS_JOBID:-}",
            "lsf": "${LSB_JOBID:-}", "sge": "${JOB_ID:-}"}[kind]
     run = [command, "run", config, "--resume", "--quiet"] + (["--site", site] if site else [])
@@ -137,7 +139,10 @@ def driver_script(
         f'if [ "$RESTART" -ge {max_restarts} ]; then',
         f'    echo "gave up after {max_restarts} restarts; continue with: {command} resume {run_dir}"; exit "$rc"',
         "fi",
-        f"{_restart_command(kind, restart, script_path)}",
+        f"if ! {_restart_command(kind, restart, script_path)}; then",
+        f'    echo "could not {"requeue" if requeue else "resubmit"} this job; submit {script_path} again '
+        'by hand to continue"; exit "$rc"',
+        "fi",
         "exit 0",
         "",
     ]

@@ -30,7 +30,7 @@ def test_every_scheduler_gets_a_script_that_asks_for_a_warning(kind: str, tmp_pa
     lines = text.splitlines()
     warning = {
         "slurm": ["#SBATCH --signal=B:TERM@300", "#SBATCH --requeue", "#SBATCH --time=02:00:00",
-                  "#SBATCH --partition=gpu", 'scontrol requeue "$JOB"'],
+                  "#SBATCH --partition=gpu"],
         "pbspro": ["#PBS -l walltime=02:00:00", "#PBS -q gpu", "( sleep 6900 && kill -TERM $$ ) 2>/dev/null &"],
         "torque": ["#PBS -l walltime=02:00:00", "( sleep 6900 && kill -TERM $$ ) 2>/dev/null &"],
         "lsf": ["#BSUB -W 2:00", "#BSUB -wa TERM", "#BSUB -wt 5", "#BSUB -q gpu"],
@@ -74,6 +74,7 @@ time.sleep(60)
 
 STUB_SUBMIT = """#!/bin/bash
 echo "$(basename "$0") $*" >> "$STUB_SUBMITS"
+[ "$(basename "$0")" != "${STUB_REFUSE:-}" ]
 """
 
 
@@ -106,11 +107,16 @@ def _run_until_started(script: Path, env: dict[str, str], log: Path) -> subproce
 
 
 @pytest.mark.parametrize(("restart", "env_extra", "expected"), [
-    ("requeue", {"SLURM_RESTART_COUNT": "1"}, "scontrol requeue 4242"),
-    ("resubmit", {"AIMSPAX_RESTART": "1"}, "sbatch --export=ALL,AIMSPAX_RESTART=2 {script}"),
+    ("requeue", {"SLURM_RESTART_COUNT": "1"}, ["scontrol requeue 4242"]),
+    ("resubmit", {"AIMSPAX_RESTART": "1"}, ["sbatch --export=ALL,AIMSPAX_RESTART=2 {script}"]),
+    # A site that refuses requeues: a new job, which counts its restarts itself.
+    ("requeue", {"SLURM_RESTART_COUNT": "1", "STUB_REFUSE": "scontrol"},
+     ["scontrol requeue 4242", "sbatch --export=ALL,AIMSPAX_RESTART=2 {script}"]),
+    ("requeue", {"AIMSPAX_RESTART": "1", "STUB_REFUSE": "scontrol"},
+     ["scontrol requeue 4242", "sbatch --export=ALL,AIMSPAX_RESTART=2 {script}"]),
 ])
 def test_warning_signal_makes_the_driver_save_and_the_job_continue(
-    tmp_path: Path, restart: str, env_extra: dict[str, str], expected: str
+    tmp_path: Path, restart: str, env_extra: dict[str, str], expected: list[str]
 ) -> None:
     script, env = _stubbed(tmp_path, restart)
     env.update(env_extra)
@@ -121,7 +127,7 @@ def test_warning_signal_makes_the_driver_save_and_the_job_continue(
     assert proc.returncode == 0, out
     assert log.read_text().splitlines() == ["started 4242 1 False", "saved"]  # SLURM_* cleared for the driver
     assert "driver exited with 143" in out and "warning signal" in out
-    assert (tmp_path / "submits.log").read_text().splitlines() == [expected.format(script=script)]
+    assert (tmp_path / "submits.log").read_text().splitlines() == [line.format(script=script) for line in expected]
 
 
 @pytest.mark.parametrize(("rc", "restarts"), [(0, "0"), (2, "0"), (3, "0"), (143, "3")])
@@ -197,3 +203,10 @@ def test_a_bad_site_profile_is_one_line_and_writes_nothing(tmp_path: Path, monke
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: site.reference.aims.command: $AIMS_BIN is not set") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_that_can_neither_requeue_nor_resubmit_says_so(tmp_path: Path) -> None:
+    script, env = _stubbed(tmp_path, "resubmit")
+    env.update({"STUB_RC": "143", "STUB_REFUSE": "sbatch"})
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143 and "could not resubmit this job" in done.stdout, done.stdout
