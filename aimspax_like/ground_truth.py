@@ -123,7 +123,7 @@ class AnalysisPoints:
         self.sink(frame, outcome, {"origin": PHASE, "trajectory": probe.trajectory, "md_step": probe.step,
                                    "uncertainty": probe.delta})
         self.events.emit("label_done", phase=PHASE, label=label_id, trajectory=probe.trajectory,
-                         wall_s=outcome.wall_s, energy=outcome.energy)
+                         **outcome.cost(), energy=outcome.energy)
         self._point(probe, outcome.forces, source=PHASE, label=label_id)
 
     def al_label_stored(self, al_label: int, reference_forces: np.ndarray) -> None:

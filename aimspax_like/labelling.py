@@ -193,6 +193,6 @@ class Labeller:
                     pending[k] = (self.submit(phase, first_number + k, frames[k], attempt + 1), attempt + 1)
                 continue
             self.record_success(outcome)
-            self.events.emit("label_done", phase=phase, wall_s=outcome.wall_s, **fields[k])
+            self.events.emit("label_done", phase=phase, **outcome.cost(), **fields[k])
             results[k] = outcome
         return results

@@ -250,7 +250,7 @@ class Relabel:
             self._save(self.state)
         self.events.emit("frame_stored", index=index, split=frame.split, origin=frame.origin,
                          trajectory=frame.trajectory, member=frame.member)
-        self.events.emit("label_done", phase=PHASE, wall_s=result.wall_s, source=k, split=frame.split,
+        self.events.emit("label_done", phase=PHASE, **result.cost(), source=k, split=frame.split,
                          energy=result.energy)
 
     def _drop(self, k: int, kind: str, message: str, tries: int) -> None:

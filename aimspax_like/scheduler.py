@@ -491,7 +491,7 @@ class ALScheduler(SchedulerCheckpoint):
             self.energy_gate.add(frame.numbers, outcome.energy)
         self.events.emit(
             "label_done", phase="al", label=label_id, trajectory=index, split=stored.split,
-            wall_s=outcome.wall_s, energy=outcome.energy, train_size=self.train_set_size(),
+            **outcome.cost(), energy=outcome.energy, train_size=self.train_set_size(),
             others_md_steps=others,
         )
         self._after_stored(trajectory, frame)

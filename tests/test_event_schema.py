@@ -82,6 +82,10 @@ def test_fields_that_arrive_through_double_star_are_documented():
     assert {f.name for f in dataclasses.fields(MemberMetrics)} <= doc["converged"]
     assert set(ProbeResult(True, 3, "").as_dict()) <= doc["idg_probe"]
     assert set(placement()) <= doc["label_placed"]
+    from aimspax_like.reference.results import LabelResult
+
+    cost = LabelResult(0.0, [[0.0, 0.0, 0.0]], None, None, 1.0, scf_cycles=7).cost()
+    assert cost == {"wall_s": 1.0, "scf_cycles": 7} and set(cost) <= doc["label_done"]
 
 
 def test_every_record_of_a_real_campaign_is_documented(finished_campaign):

@@ -66,6 +66,14 @@ class LabelResult:
     def ok(self) -> bool:
         return True
 
+    def cost(self) -> dict[str, float | int]:
+        """What the label cost, for its ``label_done`` event: wall time and, where known, SCF
+        iterations (so the event log shows what warm workers save)."""
+        cost: dict[str, float | int] = {"wall_s": self.wall_s}
+        if self.scf_cycles is not None:
+            cost["scf_cycles"] = int(self.scf_cycles)
+        return cost
+
 
 @dataclass(frozen=True)
 class LabelFailure:
