@@ -107,7 +107,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 # No slurmdbd: plain sacct says accounting is disabled (so Parsl's SlurmProvider falls back to
-# squeue), while `sacct -c` reads the job completion log: every end of a job, requeues included.
+# squeue), while sacct -c reads the job completion log: every end of a job, requeues included.
+# (No backquotes in this heredoc: the shell would run them.)
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
