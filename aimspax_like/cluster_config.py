@@ -46,6 +46,15 @@ def walltime_seconds(walltime: str) -> int:
     return hours * 3600 + minutes * 60 + seconds
 
 
+def check_walltime(value: str) -> str:
+    """A field validator's body for walltimes: ``HH:MM:SS`` and longer than zero."""
+    if _WALLTIME.match(value) is None:
+        raise ValueError("must be HH:MM:SS")
+    if walltime_seconds(value) == 0:
+        raise ValueError("must be longer than 00:00:00")
+    return value
+
+
 class LocalCluster(_Strict):
     """Labels in worker processes on this machine."""
 
@@ -82,14 +91,7 @@ class ProviderConfig(_Strict):
 
     _split_lines = field_validator("scheduler_options", "worker_init", mode="before")(lines)
 
-    @field_validator("walltime")
-    @classmethod
-    def _hh_mm_ss(cls, value: str) -> str:
-        if _WALLTIME.match(value) is None:
-            raise ValueError("must be HH:MM:SS")
-        if walltime_seconds(value) == 0:
-            raise ValueError("must be longer than 00:00:00")
-        return value
+    _hh_mm_ss = field_validator("walltime")(check_walltime)
 
     @field_validator("max_blocks")
     @classmethod

@@ -163,24 +163,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from aimspax_like.cluster_config import BatchCluster
-    from aimspax_like.config import load_config, read_yaml
+    from aimspax_like.config import load_config
     from aimspax_like.execution.providers import block_script
-    from aimspax_like.site import DriverJob, chosen_profile, find_profile, read_profile
+    from aimspax_like.site import DriverJob, read_profile
 
     config = load_config(args.config, site=args.site)
-    driver, site_file = DriverJob(), None
-    name = chosen_profile(read_yaml(args.config), args.site)
-    if name is not None:
-        site_file = str(find_profile(name, relative_to=args.config.resolve().parent))
-        driver = read_profile(Path(site_file)).driver
+    record = config.site_record  # the profile load_config found, if any: its driver section is ours
+    site_file = record["file"] if record is not None else None
+    driver = read_profile(Path(site_file)).driver if site_file is not None else DriverJob()
     kind = driver.scheduler or (config.cluster.kind if isinstance(config.cluster, BatchCluster) else None)
     if kind is None:
         raise ConfigError("driver.scheduler", "the cluster is local: name the driver's scheduler in the site "
                           "profile (driver: {scheduler: slurm})")
-    if kind not in _DIRECTIVE:
-        raise ConfigError("driver.scheduler", f"no driver job script for {kind!r} (slurm, pbspro, torque, lsf, sge)")
     folder = args.output
-    driver_path = (folder / f"driver.{_SUFFIX[kind]}").absolute()
+    driver_path = (folder / f"driver.{_SUFFIX.get(kind, kind)}").absolute()  # driver_script refuses kinds it lacks
     executable = Path(sys.executable).with_name("aimspax-like")
     text = driver_script(
         kind, str(args.config.resolve()), str(driver_path), walltime=driver.walltime, grace_s=driver.grace_s,

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from aimspax_like.cluster_config import _WALLTIME, walltime_seconds
+from aimspax_like.cluster_config import check_walltime, walltime_seconds
 from aimspax_like.config_base import _Strict, lines
 from aimspax_like.errors import ConfigError
 
@@ -60,12 +60,7 @@ class DriverJob(_Strict):
 
     _split_lines = field_validator("directives", "setup", mode="before")(lines)
 
-    @field_validator("walltime")
-    @classmethod
-    def _hh_mm_ss(cls, value: str) -> str:
-        if _WALLTIME.match(value) is None:
-            raise ValueError("must be HH:MM:SS")
-        return value
+    _hh_mm_ss = field_validator("walltime")(check_walltime)
 
     @field_validator("restart")
     @classmethod
