@@ -79,6 +79,8 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
             return ctx.release_label("al", provenance["trajectory"], provenance["md_step"], splits.next())
         return ctx.store_label(atoms, result, "held" if held else splits.next(), **provenance)
 
+    if config.rounds.mode == "replay":
+        committee.bound_rounds(config.rounds, config.max_epochs_per_point, ctx.config.seed)
     budget_size, counted = _budget(ctx, stored)
     if budget_size() >= config.max_train_set_size:
         ctx.warn(f"{counted} already holds {budget_size()} frames, at or above "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from aimspax_like.config import CampaignConfig
+from aimspax_like.config import CampaignConfig, RoundsConfig
 from aimspax_like.context import RunPaths
 from aimspax_like.data import LabelledFrame
 from aimspax_like.models.ensemble import (
@@ -32,6 +32,7 @@ from aimspax_like.models.ensemble import (
 )
 from aimspax_like.models.training import EnsembleTrainer, MemberMetrics
 from aimspax_like.state import COMMITTEE_STATE, load_checkpoint, save_checkpoint
+from aimspax_like.training_rounds import RoundPlanner, member_force_errors
 
 
 class Committee:
@@ -42,6 +43,8 @@ class Committee:
         self.member_train: list[list[Atoms]] = [[] for _ in range(self.n_members)]
         self.valid: list[Atoms] = []
         self.last_metrics: list[MemberMetrics] = []
+        self.planner: RoundPlanner | None = None  # bounded rounds (al.rounds), set by bound_rounds
+        self.last_round: dict[str, Any] = {}  # what the latest round trained: full_pass, round_frames
 
     # ------------------------------------------------------------------ construction
 
@@ -130,8 +133,30 @@ class Committee:
 
     # ------------------------------------------------------------------ learning
 
+    def bound_rounds(self, config: RoundsConfig, epochs_per_point: int, seed: int) -> None:
+        """From now on, plan each round with ``config`` (``al.rounds``): active learning calls this
+        when it starts, IDG rounds stay full passes. The frames held now count as trained."""
+        self.planner = RoundPlanner(config, epochs_per_point, seed)
+        self.planner.know(self.member_train)
+
     def train_round(self, epochs: int) -> list[MemberMetrics]:
-        self.last_metrics = self.trainer.train_round(self.member_data(), epochs)
+        """``epochs`` epochs of every member on its round's frames (all of them unless rounds are
+        bounded), then a validation on the whole validation set."""
+        if self.planner is None:
+            self.last_metrics = self.trainer.train_round(self.member_data(), epochs)
+            self.last_round = {"full_pass": True, "round_frames": [len(t) for t in self.member_train]}
+            return self.last_metrics
+        plan = self.planner.plan(self.member_train)
+        data = [([train[i] for i in chosen], self.valid)
+                for train, chosen in zip(self.member_train, plan.indices, strict=True)]
+        self.last_metrics = self.trainer.train_round(data, epochs)
+        self.planner.trained(self.member_train, plan, epochs)
+        if self.planner.wants_errors(plan):
+            for k, train in enumerate(self.member_train):
+                errors = member_force_errors(
+                    lambda frames, k=k: self.ensemble.predict(frames, members=[k]).forces[0], train)
+                self.planner.record_errors(k, train, errors)
+        self.last_round = {"full_pass": plan.full, "round_frames": plan.sizes()}
         return self.last_metrics
 
     def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]:
@@ -164,12 +189,18 @@ class Committee:
         """The learned state: the trainer's (weights, optimisers, EMAs, generators, validation
         history) and the latest round's metrics (``valid_force_mae`` reads them). The frames are
         not in it: they are in the dataset, from which every committee is built."""
-        return {"trainer": self.trainer.state_dict(), "last_metrics": [asdict(m) for m in self.last_metrics]}
+        state = {"trainer": self.trainer.state_dict(), "last_metrics": [asdict(m) for m in self.last_metrics]}
+        if self.planner is not None:
+            state["rounds"] = self.planner.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of ``state_dict`` (also loads the member weights into the ensemble)."""
+        """Inverse of ``state_dict`` (also loads the member weights into the ensemble). The round
+        planner's memory comes back when both the state and this committee have a planner."""
         self.trainer.load_state_dict(state["trainer"])
         self.last_metrics = [MemberMetrics(**m) for m in state["last_metrics"]]
+        if self.planner is not None and state.get("rounds") is not None:
+            self.planner.load_state_dict(state["rounds"])
 
     def save(self, models_dir: Path) -> list[Path]:
         """Write ``member_k.model`` files; in a run directory's ``models/`` also ``state/committee.pt``.

@@ -328,6 +328,10 @@ class TrainingConfig(_Strict):
     )
     batch_size: int = Field(5, ge=1)
     valid_batch_size: int = Field(20, ge=1)
+    batched_members: Literal["auto", "on", "off"] = Field(
+        "auto", description="Train all members in one batched pass (torch.func over the stacked members). "
+        "auto: on a GPU with more than one member; off: one member after another.",
+    )
     allow_mixed_references: bool = Field(
         False, description="Train on frames labelled by different references (different reference "
         "fingerprints or declared levels of theory) together; refused by default.",
@@ -503,6 +507,29 @@ class GuardsConfig(_Strict):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class RoundsConfig(_Strict):
+    """What one active-learning training round trains each member on.
+
+    ``full`` (the paper's continual learning): every round is a pass over the member's whole
+    training set, so a campaign's training cost grows with the square of its labels. ``replay``
+    bounds a round: the new points (frames that have not yet had ``al.max_epochs_per_point``
+    epochs) plus ``replay_size`` earlier frames drawn afresh each round, and a full pass every
+    ``full_every``-th round so that no frame is forgotten for long. ``replay_weighting: error``
+    draws earlier frames with a probability that grows with the member's force error on them
+    (measured at each full pass), half of it uniform so that no frame is starved.
+    """
+
+    mode: Literal["full", "replay"] = Field(
+        "full", description="full: every round passes over the whole training set; replay: new points "
+        "plus a replay sample, a full pass every full_every rounds.",
+    )
+    replay_size: int = Field(16, ge=1, description="Earlier training frames replayed per member and round (replay).")
+    replay_weighting: Literal["uniform", "error"] = Field(
+        "uniform", description="uniform, or error: earlier frames drawn by the member's force error on them.",
+    )
+    full_every: int = Field(8, ge=1, description="Every full_every-th AL round is a full pass (replay).")
+
+
 class ALConfig(_Strict):
     """Parallel active learning (Eq. 1, Eq. 2 and the per-trajectory state machine)."""
 
@@ -523,6 +550,7 @@ class ALConfig(_Strict):
     max_epochs_per_point: int = Field(
         2, ge=1, description="Epochs per new point; also the epochs without improvement before an optimizer reset."
     )
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     max_train_set_size: int = Field(200, ge=1)
     train_set_counts: Literal["shared", "per_member"] = Field(
         "shared", description="What max_train_set_size counts. shared: the shared training set, IDG "

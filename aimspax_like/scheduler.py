@@ -586,6 +586,7 @@ class ALScheduler(SchedulerCheckpoint):
             "training_round", phase="al", epochs=epochs, trajectories=[t.index for t in training],
             train_size=self.train_set_size(),
             members=[m.__dict__ if hasattr(m, "__dict__") else m for m in metrics],
+            **getattr(self.committee, "last_round", {}),
         )
         for trajectory in self.trajectories:
             trajectory.md.invalidate_forces()  # sample with the new weights at once

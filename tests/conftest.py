@@ -62,7 +62,9 @@ def finished_campaign(tmp_path_factory: pytest.TempPathFactory, parsl_executor: 
     from aimspax_like.config import config_from_dict
 
     tmp_path = tmp_path_factory.mktemp("campaign")
-    # With ground-truth analysis points, so the report has true errors to show.
-    config = config_from_dict(tiny_config(tmp_path, al={"analysis_every": 4}))
+    # With ground-truth analysis points, so the report has true errors to show, and bounded
+    # training rounds (every third one a full pass) so that a whole campaign runs them.
+    rounds = {"mode": "replay", "replay_size": 3, "full_every": 3, "replay_weighting": "error"}
+    config = config_from_dict(tiny_config(tmp_path, al={"analysis_every": 4, "rounds": rounds}))
     summary = run_campaign(config, executor=parsl_executor)
     return tmp_path / "run", summary
