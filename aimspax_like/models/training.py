@@ -230,8 +230,12 @@ class EnsembleTrainer:
         training_cfg: TrainingConfig,
         reset_after: int | None,
         min_rel_improvement: float = 1e-6,
+        batched: bool | None = None,
     ) -> None:
         self.ensemble = ensemble
+        # None: ``training_cfg.batched_members`` decides (see ``_use_batched``).
+        self.batched = batched
+        self._stack_template: torch.nn.Module | None = None  # built on the first batched round
         self.cfg = training_cfg
         self.reset_after = reset_after if reset_after and reset_after > 0 else None
         self.min_rel_improvement = float(min_rel_improvement)
@@ -263,6 +267,8 @@ class EnsembleTrainer:
             raise ValueError(f"{len(member_data)} data splits for {len(self._states)} members")
         if epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self._use_batched(member_data):
+            return self._batched_round(member_data, epochs)
         return [self._round(k, train, valid, epochs) for k, (train, valid) in enumerate(member_data)]
 
     def train_to_convergence(
@@ -502,11 +508,16 @@ class EnsembleTrainer:
     # ------------------------------------------------------------------ one member's round
 
     def _round(self, k: int, train: Sequence[Atoms], valid: Sequence[Atoms], epochs: int) -> MemberMetrics:
-        st = self._states[k]
         train_g, valid_g = self._graphs(train, valid)
         train_loss = math.nan
         for _ in range(epochs):
             train_loss = self._epoch(k, train_g)
+        return self._end_round(k, valid_g, train_loss, epochs)
+
+    def _end_round(self, k: int, valid_g: list, train_loss: float, epochs: int) -> MemberMetrics:
+        """A member's round after its epochs (sequential or batched): validate, track the best,
+        reset a stalled optimiser."""
+        st = self._states[k]
         errors = self._errors(k, valid_g)
         improved = self._better(errors["loss"], st.best_loss)
         if improved:
@@ -518,6 +529,60 @@ class EnsembleTrainer:
             st.optimizer, st.since_best = self._new_optimizer(k), 0
         st.last = self._metrics(k, train_loss, errors, improved, reset)
         return st.last
+
+    def _use_batched(self, member_data: Sequence[FrameSplit]) -> bool:
+        """Whether ``train_round`` trains all members together (``models.member_stack``).
+
+        The constructor's ``batched`` wins; else ``batched_members``: "auto" is on for more than
+        one member on a GPU, where one small member at a time leaves the device idle. Rounds whose training
+        frames carry weighted stress labels stay sequential: the batched step has no stress.
+        """
+        wanted = self.batched
+        if wanted is None:
+            mode = self.cfg.batched_members
+            wanted = mode == "on" or (mode == "auto" and self.ensemble.device.type == "cuda"
+                                      and len(self._states) > 1)
+        if not wanted:
+            return False
+        if self.stress_weight > 0:
+            for train, _ in member_data:
+                if any(bool((g.stress_weight > 0).any()) for g in self.ensemble.graphs.graphs(train)):
+                    return False
+        return True
+
+    def _batched_round(self, member_data: Sequence[FrameSplit], epochs: int) -> list[MemberMetrics]:
+        """``train_round`` with every member's epochs run in lock-step by ``member_stack``.
+
+        Each member sees the same batches, optimiser, clip and EMA updates as in ``_epoch``, and
+        the validation that follows is ``_round``'s, member by member, so the result equals the
+        sequential round to round-off.
+        """
+        from aimspax_like.models import member_stack
+
+        if self._stack_template is None:
+            try:
+                self._stack_template = member_stack.eager_template(self.ensemble.members[0])
+            except ValueError:  # a model mace cannot rebuild without TorchScript: train sequentially
+                self.batched = False
+                return [self._round(k, train, valid, epochs) for k, (train, valid) in enumerate(member_data)]
+        graphs = [self._graphs(train, valid) for train, valid in member_data]
+        members = range(len(self._states))
+        for k in members:
+            self._use_raw(k)
+        stack = member_stack.MemberStack(self.ensemble.members, [st.optimizer for st in self._states],
+                                         [st.ema for st in self._states])
+        try:
+            losses = member_stack.train_epochs(
+                stack, self._stack_template, [train_g for train_g, _ in graphs],
+                [st.generator for st in self._states], epochs, self.cfg.batch_size,
+                (float(self.cfg.energy_weight), float(self.cfg.forces_weight)), self.cfg.clip_grad,
+                self.ensemble.r_max)
+        finally:  # an interrupted round leaves the raw weights live, as an interrupted ``_epoch`` does
+            stack.write_back()
+        for k in members:
+            self._states[k].epochs += epochs
+            self._use_ema(k)
+        return [self._end_round(k, graphs[k][1], losses[k], epochs) for k in members]
 
     def _graphs(self, train: Sequence[Atoms], valid: Sequence[Atoms]) -> tuple[list, list]:
         if not train:
