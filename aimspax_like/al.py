@@ -115,9 +115,16 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
         ctx.events.emit("phase_resume", phase="al", checkpoint_event=state.get("event"), **counts)
     else:
         ctx.events.emit("phase_start", phase="al", trajectories=config.num_trajectories, mode=config.mode)
-    scheduler.observers.append(Checkpointer(checkpoint, scheduler))
+    checkpointer = Checkpointer(checkpoint, scheduler)
+
+    def write_checkpoint(event: str) -> None:  # a checkpoint is the clock's 'io', wherever it is taken
+        with ctx.clock.measure("io"):
+            checkpointer(event)
+
+    scheduler.observers.append(write_checkpoint)
     result = scheduler.run()
-    committee.save(ctx.paths.models)
+    with ctx.clock.measure("io"):
+        committee.save(ctx.paths.models)
     ctx.events.emit("phase_end", phase="al", reason=result.reason)
     return {**result.__dict__, "threshold": scheduler.threshold.value, "held": len(scheduler.held),
             "analysis_points": 0 if scheduler.analysis is None else scheduler.analysis.points}

@@ -374,7 +374,8 @@ def _run_locked(
             for phase in phases:
                 if ctx.should_stop():
                     raise CampaignInterrupted(int(ctx.should_stop()))
-                committee = _run_phase(ctx, phase, committee, results)
+                with ctx.clock.in_phase(phase):  # the CPU profile's rows (WallClock)
+                    committee = _run_phase(ctx, phase, committee, results)
                 _mark_phase(paths, phase)
                 _save_results(paths, results)
             state = _read_state(paths)
@@ -385,7 +386,8 @@ def _run_locked(
                     from aimspax_like.committee import Committee
 
                     committee = Committee.from_files(config, paths.member_models(), store.frames())
-                results["test"] = run_test_set(ctx, committee, results["converge"]["best_member"])
+                with ctx.clock.in_phase("test"):
+                    results["test"] = run_test_set(ctx, committee, results["converge"]["best_member"])
                 _mark_phase(paths, "test")
                 _save_results(paths, results)
             if committee is not None and committee.valid:
@@ -415,7 +417,8 @@ def _run_locked(
         except (SetupError, OSError) as exc:
             ctx.events.emit("export_failed", error=str(exc)[:300])
         try:
-            events.emit("campaign_end", wall_s=ctx.clock.elapsed, seconds=dict(ctx.clock.seconds))
+            events.emit("campaign_end", wall_s=ctx.clock.elapsed, seconds=dict(ctx.clock.seconds),
+                        profile=ctx.clock.profile())
         finally:
             events.close()
 
@@ -470,7 +473,8 @@ def _skip_phase(ctx: RunContext, phase: str, committee: Any, results: dict[str, 
     if phase == "idg":
         numbers = sorted({int(z) for a in ctx.structures for z in a.numbers})
         committee = Committee.from_data(ctx.config, ctx.store.frames(), numbers)
-        committee.save(ctx.paths.models)
+        with ctx.clock.measure("io"):
+            committee.save(ctx.paths.models)
         return committee
     if committee is None:
         committee = Committee.from_files(ctx.config, ctx.paths.member_models(), ctx.store.frames())

@@ -121,7 +121,8 @@ class RunContext:
             atoms, result.energy, result.forces, result.stress, split=split,
             reference=self.fingerprint, label_wall_s=result.wall_s, **provenance,
         )
-        index = self.store.append(frame)
+        with self.clock.measure("io"):  # the durable write (and its fsync): the profile's 'io'
+            index = self.store.append(frame)
         self.stored_keys.add(key)
         self.split_counts[split] = self.split_counts.get(split, 0) + 1
         self.events.emit(
@@ -135,7 +136,8 @@ class RunContext:
         skipped by the same identity as ``store_label``'s. Returns the frames that were new."""
         new = [f for f in frames if not (f.md_step >= 0 and self.is_stored(f.origin, f.trajectory, f.md_step))]
         if new:
-            self.store.extend(new)
+            with self.clock.measure("io"):
+                self.store.extend(new)
             for frame in new:
                 self.stored_keys.add((frame.origin, frame.trajectory, frame.md_step))
                 self.split_counts[frame.split] = self.split_counts.get(frame.split, 0) + 1
@@ -154,7 +156,8 @@ class RunContext:
     def release_label(self, origin: str, trajectory: int, md_step: int, split: str) -> LabelledFrame:
         """A held label joins ``split`` (durably: the store's split column is rewritten)."""
         index = self.store.index_of(origin, trajectory, md_step)
-        self.store.set_split(index, split)
+        with self.clock.measure("io"):
+            self.store.set_split(index, split)
         self.split_counts["held"] = self.split_counts.get("held", 0) - 1
         self.split_counts[split] = self.split_counts.get(split, 0) + 1
         frame = self.store.frame(index)

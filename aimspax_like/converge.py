@@ -61,8 +61,9 @@ def run_converge(ctx: RunContext, committee: Committee) -> dict[str, Any]:
             ctx.events.emit("e0_refit", member=member, shifts=shifts, converged=False)
     if config.members == "all":
         best = min(results, key=lambda k: results[k].valid_loss)
-    committee.save(ctx.paths.models)
-    shutil.copyfile(ctx.paths.models / f"member_{best}.model", ctx.paths.models / "best.model")
+    with ctx.clock.measure("io"):
+        committee.save(ctx.paths.models)
+        shutil.copyfile(ctx.paths.models / f"member_{best}.model", ctx.paths.models / "best.model")
     ctx.events.emit("phase_end", phase="converge", best_member=best)
     return {"best_member": best, "metrics": {k: v.__dict__ for k, v in results.items()}}
 

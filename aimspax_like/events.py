@@ -99,23 +99,99 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 class WallClock:
-    """Splits the driver's wall time into named buckets (ml, waiting, ...)."""
+    """Splits the driver's time into named buckets, per phase, in wall and CPU seconds.
+
+    Buckets: ``md`` (committee forces and integration), ``uncertainty`` (Eq. 1 / Eq. 2 checks and
+    guards), ``training``, ``io`` (checkpoints, committee saves, dataset writes), ``waiting`` (for
+    labels), and ``labelling``: the label time spent on the workers (``add``; wall and CPU as the
+    worker measured them, not driver time). The phase is what ``in_phase`` set; time outside every
+    phase (start-up, relaxation, the final evaluation) belongs to ``OUTSIDE``.
+
+    Measures are exclusive: a measure opened inside another (a dataset write while waiting for
+    labels) is subtracted from the outer one, so the buckets of a phase never add up to more than
+    the phase took and each second is counted once. CPU is ``time.process_time``: the whole
+    driver process, every thread included (torch's intra-op threads, Parsl's threads; with the
+    thread label executor, the labels themselves too).
+
+    ``seconds`` keeps the wall seconds per bucket over all phases (the older, flat record);
+    ``profile()`` gives ``{phase: {bucket: {"wall_s", "cpu_s"}}}`` with a ``driver`` entry per
+    phase for the whole of the driver's time in it (buckets and the rest).
+    """
+
+    OUTSIDE = "other"
+    DRIVER = "driver"
 
     def __init__(self) -> None:
         self.seconds: Counter[str] = Counter()
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self.phase = self.OUTSIDE
+        self._profile: dict[str, dict[str, list[float]]] = {}
+        self._open = threading.local()  # per thread: [inner wall, inner cpu] of every open measure
+        self._lock = threading.Lock()
+
+    def _record(self, phase: str, bucket: str, wall: float, cpu: float) -> None:
+        with self._lock:
+            if bucket != self.DRIVER:
+                self.seconds[bucket] += wall
+            cell = self._profile.setdefault(phase, {}).setdefault(bucket, [0.0, 0.0])
+            cell[0] += wall
+            cell[1] += cpu
 
     @contextmanager
     def measure(self, bucket: str) -> Iterator[None]:
-        begin = time.perf_counter()
+        stack = self._open.__dict__.setdefault("stack", [])
+        phase = self.phase
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        stack.append([0.0, 0.0])
         try:
             yield
         finally:
-            self.seconds[bucket] += time.perf_counter() - begin
+            inner_wall, inner_cpu = stack.pop()
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            if stack:  # the enclosing measure gives this time up
+                stack[-1][0] += wall
+                stack[-1][1] += cpu
+            self._record(phase, bucket, max(0.0, wall - inner_wall), max(0.0, cpu - inner_cpu))
 
-    def add(self, bucket: str, seconds: float) -> None:
-        self.seconds[bucket] += seconds
+    def add(self, bucket: str, seconds: float, cpu_s: float | None = None) -> None:
+        """Time spent elsewhere (a label on a worker): recorded as given, never subtracted from a measure.
+
+        ``cpu_s`` None (a worker that did not measure it) adds no CPU.
+        """
+        self._record(self.phase, bucket, float(seconds), float(cpu_s or 0.0))
+
+    @contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        """Attribute what happens inside to ``phase``; its whole driver time is its ``driver`` entry."""
+        previous, self.phase = self.phase, phase
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.phase = previous
+            self._record(phase, self.DRIVER, time.perf_counter() - wall0, time.process_time() - cpu0)
+
+    def profile(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{phase: {bucket: {"wall_s": s, "cpu_s": s}}}`` so far, ``driver`` included per phase.
+
+        The ``OUTSIDE`` phase's ``driver`` entry is the run's time so far less every phase's.
+        """
+        with self._lock:
+            cells = {phase: {bucket: list(v) for bucket, v in buckets.items()}
+                     for phase, buckets in self._profile.items()}
+        inside = [b[self.DRIVER] for p, b in cells.items() if p != self.OUTSIDE and self.DRIVER in b]
+        rest = [max(0.0, self.elapsed - sum(c[0] for c in inside)),
+                max(0.0, self.cpu_elapsed - sum(c[1] for c in inside))]
+        cells.setdefault(self.OUTSIDE, {})[self.DRIVER] = rest
+        return {phase: {bucket: {"wall_s": round(v[0], 4), "cpu_s": round(v[1], 4)} for bucket, v in buckets.items()}
+                for phase, buckets in cells.items()}
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    @property
+    def cpu_elapsed(self) -> float:
+        """Driver CPU seconds (all threads) since the clock started."""
+        return time.process_time() - self.cpu_start

@@ -139,7 +139,8 @@ class IDGPhase:
                      f"{self.probe.steps} steps) and the IDG budget is spent; active learning starts "
                      "anyway, guarded (raise idg.max_set_size or idg.probe_extra_rounds for a stronger start)",
                      key="idg.probe_steps")
-        committee.save(ctx.paths.models)
+        with ctx.clock.measure("io"):
+            committee.save(ctx.paths.models)
         return committee
 
     def _probe(self, committee: Committee) -> ProbeResult:
@@ -281,7 +282,8 @@ def train_on_imports(ctx: RunContext) -> Committee:
     committee = initial_committee(ctx, frames)
     epochs = ctx.config.idg.max_epochs
     if not all(committee.member_train):  # start models alone: nothing to train on yet
-        committee.save(ctx.paths.models)
+        with ctx.clock.measure("io"):
+            committee.save(ctx.paths.models)
         return committee
     with ctx.clock.measure("training"):
         metrics = committee.train_round(epochs)
@@ -289,5 +291,6 @@ def train_on_imports(ctx: RunContext) -> Committee:
                     members=[m.__dict__ for m in metrics])
     if ctx.config.idg.converge:
         converge_members(ctx, committee, "idg")
-    committee.save(ctx.paths.models)
+    with ctx.clock.measure("io"):
+        committee.save(ctx.paths.models)
     return committee

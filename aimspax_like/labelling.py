@@ -141,10 +141,11 @@ class Labeller:
 
     def record_failure(self, phase: str, failure: LabelFailure, retry: bool = False, **fields: Any) -> None:
         """A failed try: a ``label_failed`` event, then the stop rule (``LabelsKeepFailing``)."""
-        self.clock.add("labelling", failure.wall_s)
+        self.clock.add("labelling", failure.wall_s, cpu_s=failure.cpu_s)
         self.consecutive_failures += 1
+        cpu = {} if failure.cpu_s is None else {"cpu_s": round(float(failure.cpu_s), 4)}
         self.events.emit("label_failed", phase=phase, kind=failure.kind.value, message=failure.message,
-                         wall_s=failure.wall_s, workdir=failure.workdir, retry=retry, **fields)
+                         wall_s=failure.wall_s, **cpu, workdir=failure.workdir, retry=retry, **fields)
         if self.should_stop():
             return  # workers killed by the same signal that stops the campaign: not the reference's fault
         if self.max_consecutive is not None and self.consecutive_failures >= self.max_consecutive:
@@ -153,8 +154,11 @@ class Labeller:
             raise LabelsKeepFailing(self.consecutive_failures, phase, failure.message)
 
     def record_success(self, result: LabelResult) -> None:
-        """A label came back: the failure run is over (its ``label_done`` event is the caller's)."""
-        self.clock.add("labelling", result.wall_s)
+        """A label came back: the failure run is over (its ``label_done`` event is the caller's).
+
+        Its worker wall and CPU time go to the clock's ``labelling`` bucket of the current phase.
+        """
+        self.clock.add("labelling", result.wall_s, cpu_s=result.cpu_s)
         self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ batches

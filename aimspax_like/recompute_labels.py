@@ -225,7 +225,7 @@ class Relabel:
             self._store(k, outcome)
         except ValueError as exc:  # a label that cannot be a frame (non-finite, misshapen): never stored
             self.labeller.record_failure(PHASE, LabelFailure(FailureKind.INVALID_RESULT, str(exc), outcome.workdir,
-                                                             outcome.wall_s), source=k)
+                                                             outcome.wall_s, outcome.cpu_s), source=k)
             self._drop(k, FailureKind.INVALID_RESULT.value, str(exc), attempt + 1)
         return None
 

@@ -158,9 +158,10 @@ class ReferenceMD:
             traj.extra = {}
             return None
         assert isinstance(outcome, SegmentResult)
-        label = replace(outcome.label, wall_s=outcome.wall_s)  # the segment's wall time: what the frame cost
+        # The segment's wall and CPU time: what the frame cost.
+        label = replace(outcome.label, wall_s=outcome.wall_s, cpu_s=outcome.cpu_s)
         self.labeller.record_success(label)
-        self.labeller.events.emit("label_done", phase=self.phase, wall_s=outcome.wall_s, **fields)
+        self.labeller.events.emit("label_done", phase=self.phase, **label.cost(), **fields)
         traj.atoms.set_positions(outcome.positions)
         traj.atoms.set_cell(outcome.cell)
         traj.momenta, traj.extra, traj.attempt = outcome.momenta, outcome.extra, 0

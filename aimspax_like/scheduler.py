@@ -277,6 +277,13 @@ class ALScheduler(SchedulerCheckpoint):
             return
         with self.clock.measure("md"):
             step_batch([t.md for t in running], self.committee.committee_forces, self._stresses)
+        # Guards, Eq. 1 against Eq. 2 and the energy gate: the clock's 'uncertainty' bucket (a
+        # serial label wait or a checkpoint inside it is its own bucket, see WallClock.measure).
+        with self.clock.measure("uncertainty"):
+            self._check_running(running)
+
+    def _check_running(self, running: list[Trajectory]) -> None:
+        """After an MD step: guards first, then analysis frames, then the uncertainty checks."""
         unstable = []
         for trajectory in running:
             md = trajectory.md

@@ -128,7 +128,7 @@ def relaxed_start_structures(ctx: Any) -> list[Atoms]:
             ctx.events.emit("relax_failed", structure=index, error=outcome.message)
             raise CampaignStopped(f"system.relax: the reference failed relaxing start structure {index} "
                                   f"({outcome.message}); fix the reference, then resume to continue")
-        ctx.labeller.record_success(replace(outcome.label, wall_s=outcome.wall_s))
+        ctx.labeller.record_success(replace(outcome.label, wall_s=outcome.wall_s, cpu_s=outcome.cpu_s))
         fmax = float(np.linalg.norm(outcome.label.forces, axis=1).max())
         info = outcome.info
         ctx.events.emit("relaxed", structure=index, energy_drop=info["energy_start"] - outcome.label.energy,

@@ -62,6 +62,28 @@ def test_labels_ran_on_parsl_workers_while_others_sampled(finished_campaign):
                                                      ("training", "running")}
 
 
+def test_campaign_end_carries_the_cpu_profile_and_the_summary_prints_it(finished_campaign):
+    run, summary = finished_campaign
+    events = read_events(run / "logs/events.jsonl")
+    profile = next(e for e in events if e["event"] == "campaign_end")["profile"]
+    assert {"idg", "al", "converge", "test", "other"} <= set(profile)
+    assert profile["al"]["training"]["cpu_s"] > 0 and profile["al"]["md"]["cpu_s"] > 0
+    assert profile["al"]["uncertainty"]["wall_s"] > 0 and profile["al"]["io"]["wall_s"] > 0
+    for phase in ("idg", "al", "converge", "test"):
+        buckets = profile[phase]
+        driver_buckets = sum(c["wall_s"] for b, c in buckets.items() if b not in ("driver", "labelling"))
+        assert driver_buckets <= buckets["driver"]["wall_s"] + 0.01  # exclusive buckets, within the phase
+    # the labels' CPU, measured on the Parsl workers, in the events and in the clock
+    done = [e for e in events if e["event"] == "label_done"]
+    assert done and all(e["cpu_s"] >= 0 for e in done)
+    assert profile["al"]["labelling"]["cpu_s"] > 0 and profile["idg"]["labelling"]["cpu_s"] > 0
+    al_tries = [e for e in events if e["event"] in ("label_done", "label_failed")
+                and e["phase"] in ("al", "analysis")]  # analysis labels run in the AL phase
+    assert sum(e["cpu_s"] for e in al_tries) == pytest.approx(profile["al"]["labelling"]["cpu_s"], abs=0.01)
+    assert summary["profile"]["al"]["training"]["cpu_s"] > 0
+    text = (run / "report/summary.md").read_text()
+    assert "cpu profile (s)" in text and "wall by phase (s)" in text
+
 def test_models_load_in_mace_calculator(finished_campaign):
     from mace.calculators import MACECalculator
 

@@ -210,6 +210,13 @@ def test_labels_that_keep_failing_stop_the_campaign_with_state_saved(after_idg, 
     earlier = ends[0]["wall_s"] + ends[1]["wall_s"]
     assert earlier + 0.5 * ends[2]["wall_s"] < summary["wall_s"]["total"] <= earlier + ends[2]["wall_s"] + 5
     assert summary["wall_s"]["training"] > ends[2]["seconds"]["training"]
+    # So does its CPU profile: IDG ran in the first driver run only, AL's labels in the other two.
+    profile = summary["profile"]
+    assert profile["idg"]["training"]["cpu_s"] == pytest.approx(ends[0]["profile"]["idg"]["training"]["cpu_s"],
+                                                                abs=2e-3)
+    al_labels = [end["profile"]["al"]["labelling"]["cpu_s"] for end in ends[1:]]
+    assert al_labels[0] > 0  # the failed tries cost CPU too
+    assert profile["al"]["labelling"]["cpu_s"] == pytest.approx(sum(al_labels), abs=2e-3)
 
 
 def test_cli_exit_code_3_for_a_stop_and_one_line(after_idg, tmp_path: Path) -> None:

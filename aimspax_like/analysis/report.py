@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from aimspax_like.analysis import figures, report_html, series, tables
+from aimspax_like.analysis import figures, profile, report_html, series, tables
 from aimspax_like.analysis.figures import FigureFile
 from aimspax_like.analysis.run_record import RunRecord, load_run
 from aimspax_like.analysis.strict_json import as_float
@@ -94,6 +94,7 @@ def interim_text(record: RunRecord) -> str:
     wall = series.wall_seconds(events, None)
     if wall:
         lines.append(f"wall time  {wall['total']:.1f} s over {len(record.of('campaign_start'))} driver run(s)")
+    lines.extend(profile.render(profile.from_events(events)))  # the driver runs that have ended
     return "\n".join(lines)
 
 

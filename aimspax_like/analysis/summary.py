@@ -4,8 +4,9 @@ Built from the dataset, the event log and the phase results, so it tells what ha
 what the code intended: labels used per phase, failures by kind, MD steps, the final
 validation force MAE per member, the test-set errors (per test temperature: the final model's
 and every member's force and energy MAE, and how well the committee's uncertainty tracks the
-true force error) and the wall time split into ML work (MD + training), waiting for labels, and
-label CPU time on the workers.
+true force error), the wall time split into ML work (MD + training), waiting for labels, and
+label time on the workers, and the CPU profile: CPU seconds per phase and kind of work, driver
+and workers (``analysis.profile``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aimspax_like.analysis.profile import merge as merge_profiles
+from aimspax_like.analysis.profile import render as render_profile
 from aimspax_like.analysis.strict_json import dumps_strict
 from aimspax_like.analysis.systems import render_systems
 from aimspax_like.analysis.timeline import label_overlap
@@ -24,8 +27,8 @@ if TYPE_CHECKING:  # the report renders summaries without loading the dataset st
     from aimspax_like.context import RunContext
 
 
-def _earlier_segments(events: list[dict[str, Any]]) -> tuple[float, Counter[str]]:
-    """Wall time and time buckets of the driver runs before the current one (a resumed campaign).
+def _earlier_segments(events: list[dict[str, Any]]) -> tuple[float, Counter[str], list[Any]]:
+    """Wall time, time buckets and CPU profiles of the driver runs before the current one (a resumed campaign).
 
     Each run of the driver is a segment from ``campaign_start`` to its last event; one that ended
     (normally, by a signal or a stop) also logged its time buckets in ``campaign_end``. A segment
@@ -34,16 +37,17 @@ def _earlier_segments(events: list[dict[str, Any]]) -> tuple[float, Counter[str]
     segments: list[dict[str, Any]] = []
     for event in events:
         if event["event"] == "campaign_start":
-            segments.append({"t0": event["t"], "t1": event["t"], "seconds": {}})
+            segments.append({"t0": event["t"], "t1": event["t"], "seconds": {}, "profile": None})
         elif segments:
             segments[-1]["t1"] = event["t"]
             if event["event"] == "campaign_end":
                 segments[-1]["seconds"] = event.get("seconds", {})
+                segments[-1]["profile"] = event.get("profile")
     wall, buckets = 0.0, Counter()
     for segment in segments[:-1]:
         wall += segment["t1"] - segment["t0"]
         buckets.update(segment["seconds"])
-    return wall, buckets
+    return wall, buckets, [segment["profile"] for segment in segments[:-1]]
 
 
 def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     failures = Counter(e.get("kind") for e in events if e["event"] == "label_failed")
     idg_steps = sum(e.get("md_steps", 0) for e in events if e["event"] == "phase_end" and e["phase"] == "idg")
     counts = ctx.store.counts()
-    earlier_wall, earlier_seconds = _earlier_segments(events)
+    earlier_wall, earlier_seconds, earlier_profiles = _earlier_segments(events)
     seconds = earlier_seconds + ctx.clock.seconds
     idg_end = next((e for e in reversed(events) if e["event"] == "phase_end" and e["phase"] == "idg"), None)
     summary = {
@@ -82,6 +86,8 @@ def build_summary(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
             "waiting": round(seconds["waiting"], 2),
             "labelling_worker_s": round(seconds["labelling"], 2),
         },
+        # {phase: {bucket: {wall_s, cpu_s}}}, every driver run that ended added up
+        "profile": merge_profiles([*earlier_profiles, ctx.clock.profile()]),
     }
     return summary
 
@@ -139,6 +145,7 @@ def render(summary: dict[str, Any]) -> str:
         f"{wall['training']:.1f}), waiting for labels {wall['waiting']:.1f} s; "
         f"label time on workers {wall['labelling_worker_s']:.1f} s"
     )
+    lines.extend(render_profile(summary.get("profile")))
     return "\n".join(lines)
 
 

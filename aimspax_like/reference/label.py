@@ -34,6 +34,7 @@ import numpy as np
 from ase import Atoms
 
 from aimspax_like.reference.calculators import keep_in_scratch
+from aimspax_like.reference.cpu_time import CpuMeter
 from aimspax_like.reference.faults import InjectedFault, draw_fault
 from aimspax_like.reference.results import (
     FailureKind,
@@ -83,10 +84,16 @@ def run_in_scratch(
     One fault draw, the scratch folder (absolute; removed after a success unless
     ``keep_workdir``, and only when it was created here or was empty), the reference's timeout
     (``timeout_s x timeout_scale``, in a killable child; CP2K times its persistent shell itself)
-    and the wall time. ``target`` never raises; what fails around it becomes a failure too.
-    Serves ``label`` and a stretch of reference MD (``md_segment.run_segment``).
+    and the wall and CPU time. ``target`` never raises; what fails around it becomes a failure
+    too. Serves ``label`` and a stretch of reference MD (``md_segment.run_segment``).
+
+    CPU (``cpu_time``): this worker's own share, plus the children it started and reaped (a
+    timeout child, a subprocess reference), plus what a label server reports it spent (the
+    server lives on, so it is never reaped here; its reaping, e.g. after a timeout, is left out
+    so that no label is charged for the server's earlier ones).
     """
     start = time.monotonic()
+    cpu = CpuMeter()
     fault = draw_fault(faults, seed)
     geometry = _geometry_only(atoms)
     folder = Path(workdir).absolute()  # outcomes travel to other machines: no relative paths
@@ -97,16 +104,19 @@ def run_in_scratch(
         return LabelFailure(FailureKind.CRASHED, f"cannot create workdir: {exc}", str(folder), 0.0)
     timeout_s = spec.get("timeout_s")
     args = (geometry, spec, str(folder), fault, *extra)
+    served = False
     try:
         if timeout_s and spec["kind"] != "cp2k":  # CP2K times its persistent shell itself
-            runner = run_on_server if serves(spec) else _run_with_timeout  # warm: one child per worker
+            served = serves(spec)
+            runner = run_on_server if served else _run_with_timeout  # warm: one child per worker
             outcome = runner(target, args, str(folder), float(timeout_s) * timeout_scale, start)
         else:
             outcome = run_target(target, args)  # a failure drops the worker's warm calculator
     except Exception as exc:  # e.g. no process could be started: still a failure, not a raise
         kind, message = classify_exception(exc)
         outcome = LabelFailure(kind, message, str(folder), 0.0)
-    outcome = replace(outcome, wall_s=time.monotonic() - start)
+    server_cpu = (outcome.cpu_s or 0.0) if served else 0.0
+    outcome = replace(outcome, wall_s=time.monotonic() - start, cpu_s=cpu.seconds(children=not served) + server_cpu)
     if outcome.ok and removable and not spec.get("keep_workdir"):
         shutil.rmtree(folder, ignore_errors=True)
         outcome = replace(outcome, workdir=None)

@@ -64,6 +64,7 @@ class SegmentResult:
     temperature_K: float
     wall_s: float = 0.0
     workdir: str | None = None
+    cpu_s: float | None = None  # the segment's CPU on its worker (``label.run_in_scratch``)
     info: dict[str, Any] = field(default_factory=dict)  # a relaxation: converged, steps, energy_start
 
     @property

@@ -44,8 +44,10 @@ class LabelResult:
     """A successful label: energy (eV), forces (eV/A) and, when asked for, stress (eV/A^3, Voigt).
 
     ``workdir`` is None when the scratch folder was removed. ``scf_cycles`` is the number of SCF
-    iterations the label took, where the reference reports it (PySCF), else None. Instances
-    compare by identity (``eq=False``): field-wise ``==`` on NumPy arrays has no single truth value.
+    iterations the label took, where the reference reports it (PySCF), else None. ``cpu_s`` is
+    the CPU the label cost on its worker (``cpu_time``), None where it was not measured (a label
+    rebuilt from the dataset). Instances compare by identity (``eq=False``): field-wise ``==``
+    on NumPy arrays has no single truth value.
     """
 
     energy: float
@@ -54,6 +56,7 @@ class LabelResult:
     workdir: str | None
     wall_s: float
     scf_cycles: int | None = None
+    cpu_s: float | None = None
 
     def __post_init__(self) -> None:
         # Normalise once here, so consumers never see lists, float32 or views of calculator state.
@@ -67,9 +70,11 @@ class LabelResult:
         return True
 
     def cost(self) -> dict[str, float | int]:
-        """What the label cost, for its ``label_done`` event: wall time and, where known, SCF
-        iterations (so the event log shows what warm workers save)."""
+        """What the label cost, for its ``label_done`` event: wall time and, where known, the
+        worker's CPU time and SCF iterations (so the event log shows what warm workers save)."""
         cost: dict[str, float | int] = {"wall_s": self.wall_s}
+        if self.cpu_s is not None:
+            cost["cpu_s"] = round(float(self.cpu_s), 4)
         if self.scf_cycles is not None:
             cost["scf_cycles"] = int(self.scf_cycles)
         return cost
@@ -77,12 +82,16 @@ class LabelResult:
 
 @dataclass(frozen=True)
 class LabelFailure:
-    """A failed label; ``workdir`` is kept on disk as evidence and named here."""
+    """A failed label; ``workdir`` is kept on disk as evidence and named here.
+
+    ``cpu_s``: the CPU the failed try cost on its worker, as for ``LabelResult``.
+    """
 
     kind: FailureKind
     message: str
     workdir: str | None
     wall_s: float
+    cpu_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", FailureKind(self.kind))

@@ -31,8 +31,10 @@ Two layers, both switched off by ``reference.warm: false``:
 
 The server writes each outcome to the label's scratch folder (as the fresh child did) and one
 byte on a second pipe to say it is done; its stdout and stderr go to the label's
-``label_child.log`` while that label runs. This module imports only the standard library and
-``results``: ``label`` imports it on every worker.
+``label_child.log`` while that label runs. The outcome carries the CPU the server spent on the
+label (``cpu_s``): the worker never reaps a server that lives on, so it cannot count it itself.
+This module imports only the standard library, ``results`` and ``cpu_time``: ``label`` imports
+it on every worker.
 """
 
 from __future__ import annotations
@@ -396,6 +398,9 @@ def _serve(done_fd: int) -> None:
     Ends at the end of its input (the worker closed the pipe or is gone). While a task runs,
     fds 1 and 2 are the task's ``label_child.log``; between tasks they go to /dev/null.
     """
+    import dataclasses
+
+    from aimspax_like.reference.cpu_time import CpuMeter
     from aimspax_like.reference.label import _LOG_FILE, _OUTCOME_FILE
 
     os.set_inheritable(done_fd, False)  # no program a label starts may hold it open
@@ -415,6 +420,7 @@ def _serve(done_fd: int) -> None:
         with open(folder / _LOG_FILE, "ab" if first else "wb") as log:
             first = False
             _redirect(log.fileno())
+            cpu = CpuMeter()  # the server outlives the label: it reports its share (``label.run_in_scratch``)
             try:
                 outcome = run_target(target, args)
             except Exception as exc:  # targets return failures; this is a last resort
@@ -424,6 +430,8 @@ def _serve(done_fd: int) -> None:
                 outcome = LabelFailure(kind, message, workdir, 0.0)
             finally:
                 _redirect(devnull)
+        with contextlib.suppress(TypeError, ValueError):  # an outcome type without cpu_s goes as it is
+            outcome = dataclasses.replace(outcome, cpu_s=cpu.seconds())
         result = folder / _OUTCOME_FILE
         partial = result.with_suffix(".partial")
         partial.write_bytes(pickle.dumps(outcome))
