@@ -23,9 +23,10 @@ Why patches. mace 0.3.16 and e3nn 0.4.4 are written for plain autograd; three th
 ``torch.func`` and are patched, only inside ``vmappable_mace()`` and restored on exit:
 
 1. mace's ``prepare_graph`` calls ``positions.requires_grad_(True)``, which a functorch-wrapped
-   tensor refuses. It is replaced by the same code without that call; forces come from
-   ``torch.func.grad`` of the energy with respect to the positions instead of mace's
-   ``autograd.grad`` (the model is called with ``compute_force=False``).
+   tensor refuses. It is replaced by the same code without that call; the stacked positions
+   are made a leaf that requires grad before the ``vmap``, and forces come from one plain
+   ``torch.autograd.grad`` of all members' energies with respect to them, outside the ``vmap``
+   (the model is called with ``compute_force=False``).
 2. mace's ``scatter_sum`` writes into a fresh zero tensor in place (``scatter_add_``), which vmap
    cannot batch when the index differs per member. It is replaced by the out-of-place
    ``scatter_add`` (same sums; every call in the forward passes ``dim_size``).
@@ -56,7 +57,7 @@ from typing import Any
 
 import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
 import torch
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import functional_call, vmap
 from torch_ema import ExponentialMovingAverage
 
 from aimspax_like.errors import CampaignInterrupted
@@ -99,8 +100,8 @@ def _prepare_graph_functional(
 ) -> Any:
     """mace 0.3.16's ``prepare_graph`` (non-LAMMPS branch) without ``requires_grad_``.
 
-    Under ``torch.func.grad`` the positions are already tracked, and the in-place flag change is
-    refused on a functorch-wrapped tensor. Stress and virials are not supported here (the
+    The stacked positions are already a leaf that requires grad (``MemberStack.gradients``), and
+    the in-place flag change is refused on a functorch-wrapped tensor. Stress and virials are not supported here (the
     trainer keeps stress rounds sequential), so neither is the displacement.
     """
     from mace.modules.utils import GraphContext, InteractionKwargs, get_edge_vectors_and_lengths
@@ -314,37 +315,38 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
 # ----------------------------------------------------------------------------- loss
 
 
-def _member_loss(
+def _energies(
     params: dict[str, torch.Tensor],
     buffers: dict[str, torch.Tensor],
+    graph: dict[str, torch.Tensor],
+    template: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One member's interaction and total energies per graph (runs under vmap, forward only)."""
+    out = functional_call(template, (params, buffers), (graph,), {"training": True, "compute_force": False})
+    return out["interaction_energy"], out["energy"]
+
+
+def _losses(
+    energy: torch.Tensor,
+    forces: torch.Tensor,
     graph: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],
     n_graphs: torch.Tensor,
     n_atoms: torch.Tensor,
-    template: torch.nn.Module,
     weights: tuple[float, float],
 ) -> torch.Tensor:
-    """One member's ``WeightedEnergyForcesLoss`` on its padded batch (runs under vmap).
+    """Every member's ``WeightedEnergyForcesLoss`` on its padded batch, [K] (plain stacked tensors).
 
     mace: ``w_E * mean_graphs(weight * energy_weight * ((E - E_ref) / n_atoms)^2)
     + w_F * mean_components(weight * forces_weight * (F - F_ref)^2)``; the means here divide by
     the real graph and component counts, dummies carry weight 0.
     """
-
-    def energy(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = dict(graph)
-        inputs["positions"] = positions
-        out = functional_call(template, (params, buffers), (inputs,), {"training": True, "compute_force": False})
-        return out["interaction_energy"].sum(), out["energy"]
-
-    gradient, total_energy = grad(energy, has_aux=True)(graph["positions"])
-    forces = -gradient
     ptr = graph["ptr"]
-    atoms_per_graph = (ptr[1:] - ptr[:-1]).to(total_energy.dtype).clamp(min=1.0)  # empty padding graphs
+    atoms_per_graph = (ptr[:, 1:] - ptr[:, :-1]).to(energy.dtype).clamp(min=1.0)  # empty padding graphs
     e_w = labels["weight"] * labels["energy_weight"]
-    e_sum = (e_w * torch.square((labels["energy"] - total_energy) / atoms_per_graph)).sum()
-    f_w = (labels["weight"] * labels["forces_weight"])[graph["batch"]].unsqueeze(-1)
-    f_sum = (f_w * torch.square(labels["forces"] - forces)).sum()
+    e_sum = (e_w * torch.square((labels["energy"] - energy) / atoms_per_graph)).sum(dim=1)
+    f_w = torch.gather(labels["weight"] * labels["forces_weight"], 1, graph["batch"]).unsqueeze(-1)
+    f_sum = (f_w * torch.square(labels["forces"] - forces)).sum(dim=(1, 2))
     energy_term = e_sum / n_graphs.clamp(min=1.0)
     forces_term = f_sum / (3.0 * n_atoms).clamp(min=1.0)
     return weights[0] * energy_term + weights[1] * forces_term
@@ -438,16 +440,27 @@ class MemberStack:
     def gradients(
         self, padded: PaddedBatch, template: torch.nn.Module, weights: tuple[float, float]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-member loss gradients (stacked like ``params``) and losses [K]."""
-        params = dict(zip(self.names, self.params, strict=True))
+        """Per-member loss gradients (stacked like ``params``) and losses [K].
 
-        def loss(p: dict, b: dict, graph: dict, labels: dict, n_g: torch.Tensor, n_a: torch.Tensor) -> torch.Tensor:
-            return _member_loss(p, b, graph, labels, n_g, n_a, template, weights)
-
-        with vmappable_mace():
-            grads, losses = vmap(grad_and_value(loss))(
-                params, self.buffers, padded.graph, padded.labels, padded.n_graphs, padded.n_atoms)
-        return [grads[name] for name in self.names], losses
+        Only the forward runs under ``vmap``; forces and weight gradients come from plain
+        autograd through the batched forward's (physical, stacked) operations. Members do not
+        interact, so the gradient of the summed losses with respect to member k's weights is
+        member k's own. Measured on CPU this is 15-20% faster per step than
+        ``vmap(grad_and_value(...grad(energy)...))``: each op then passes through one functorch
+        layer in the forward and none in the two backward passes, instead of three.
+        """
+        with torch.enable_grad(), vmappable_mace():
+            leaves = [p.detach().requires_grad_(True) for p in self.params]
+            graph = dict(padded.graph)
+            positions = graph["positions"].detach().requires_grad_(True)
+            graph["positions"] = positions
+            interaction, energy = vmap(_energies, in_dims=(0, 0, 0, None))(
+                dict(zip(self.names, leaves, strict=True)), self.buffers, graph, template)
+            (gradient,) = torch.autograd.grad(interaction.sum(), positions, create_graph=True)
+            losses = _losses(energy, -gradient, graph, padded.labels, padded.n_graphs, padded.n_atoms, weights)
+            # A weight the loss does not reach gets a zero gradient, as under torch.func.
+            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+        return list(grads), losses.detach()
 
     def step(self, grads: list[torch.Tensor], active: torch.Tensor, clip: float | None) -> None:
         """Clip, Adam(AMSGrad) and EMA for the ``active`` members ([K] bool); others untouched."""
@@ -455,13 +468,16 @@ class MemberStack:
         with torch.no_grad():
             if clip is not None:
                 grads = _clip_per_member(grads, clip)
+            # Members' hyperparameters and step counts mostly repeat across tensors: one [K]
+            # tensor per distinct list of values and dtype per step (no host-to-device copy each).
+            constants: dict[tuple, torch.Tensor] = {}
             for i, p in enumerate(self.params):
-                self._adam(i, p, grads[i], active, active_list)
+                self._adam(i, p, grads[i], active, active_list, constants)
             if self.shadow is not None:
                 self._ema(active, active_list)
 
     def _adam(self, i: int, param: torch.Tensor, grad: torch.Tensor, active: torch.Tensor,
-              active_list: list[bool]) -> None:
+              active_list: list[bool], constants: dict[tuple, torch.Tensor]) -> None:
         """``torch.optim.adam._single_tensor_adam`` per member, with [K] hyperparameters."""
         hyper = self.hyper[i]
         steps = self.steps[i]
@@ -475,8 +491,10 @@ class MemberStack:
         bc2_sqrt = [c**0.5 for c in bc2]
 
         def per_member(values: list[float]) -> torch.Tensor:
-            shape = (len(values),) + (1,) * (param.dim() - 1)
-            return torch.tensor(values, dtype=param.dtype, device=param.device).view(shape)
+            key = (tuple(values), param.dtype)
+            if key not in constants:
+                constants[key] = torch.tensor(values, dtype=param.dtype, device=param.device)
+            return constants[key].view((len(values),) + (1,) * (param.dim() - 1))
 
         mask = active.view((-1,) + (1,) * (param.dim() - 1))
         if any(hyper["weight_decay"]):
@@ -505,9 +523,12 @@ class MemberStack:
                 self.ema_updates[k] += 1
                 decay = min(decay, (1 + self.ema_updates[k]) / (10 + self.ema_updates[k]))
             factors.append(1.0 - decay)
+        per_dtype: dict[torch.dtype, torch.Tensor] = {}
         for i, shadow in enumerate(self.shadow):
             shape = (len(factors),) + (1,) * (shadow.dim() - 1)
-            factor = torch.tensor(factors, dtype=shadow.dtype, device=shadow.device).view(shape)
+            if shadow.dtype not in per_dtype:
+                per_dtype[shadow.dtype] = torch.tensor(factors, dtype=shadow.dtype, device=shadow.device)
+            factor = per_dtype[shadow.dtype].view(shape)
             updated = shadow - (shadow - self.params[i]) * factor
             self.shadow[i] = torch.where(active.view(shape), updated, shadow)
 
