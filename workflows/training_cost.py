@@ -10,6 +10,7 @@ so an interrupted study continues::
 
     .venv/bin/python workflows/training_cost.py                          # quickstart, seeds 0,1,2
     .venv/bin/python workflows/training_cost.py --seeds 0 --parallel 1   # one seed, one at a time
+    .venv/bin/python workflows/training_cost.py --seeds 0 --set al.max_epochs_per_point=2 --out runs/tc2
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 KINDS = [("md", "md"), ("uncertainty", "uncert"), ("training", "train"), ("io", "io")]
 
 
-def run_config(base: Path, mode: str, seed: int, out: Path) -> Path:
-    """The campaign file of one run: ``base`` with its structures made absolute."""
+def run_config(base: Path, mode: str, seed: int, out: Path, settings: Sequence[str] = ()) -> Path:
+    """The campaign file of one run: ``base`` with its structures made absolute and the
+    ``KEY=VALUE`` settings (dotted keys, YAML values) applied."""
     config = yaml.safe_load(base.read_text())
+    for item in settings:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     structures = config["system"]["structures"]
     items = structures if isinstance(structures, list) else [structures]
     absolute = [str((base.parent / s).resolve()) if not Path(s).is_absolute() else s for s in items]
@@ -116,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--modes", default="full,replay")
     parser.add_argument("--parallel", type=int, default=2, help="campaigns at a time (each uses ~1 core)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a campaign setting for every run, dotted key and YAML value (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/training_cost")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         while todo and len(running) < args.parallel:
             mode, seed = todo.pop(0)
             print(f"running {mode} seed {seed} -> {args.out / f'{mode}_{seed}'}", flush=True)
-            config = run_config(args.config.resolve(), mode, seed, args.out)
+            config = run_config(args.config.resolve(), mode, seed, args.out, args.set)
             running.append((mode, seed, launch(config, args.out / f"{mode}_{seed}.log")))
         mode, seed, process = running.pop(0)
         if process.wait() != 0:
