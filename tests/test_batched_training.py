@@ -181,3 +181,41 @@ def test_patches_are_scoped():
         raise RuntimeError("leave the block")
     assert (mace.modules.models.prepare_graph, mace.modules.utils.scatter_sum,
             sh_module._spherical_harmonics) == before
+
+
+def test_a_first_batched_round_that_fails_falls_back_to_the_sequential_round(frames, initial, monkeypatch, caplog):
+    """On a machine the batched step was never run on, its failure must not end a campaign: the
+    first round is put back as it was and trained one member after another instead."""
+    data = _member_data(frames)
+    expected = _trainer(initial, batched=False)
+    expected.train_round(data, epochs=2)
+    calls = []
+
+    def broken(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after one real step: the trial must undo it
+            raise RuntimeError("no kernel for this device")
+        return original(self, *args, **kwargs)
+
+    original = member_stack.MemberStack.gradients
+    monkeypatch.setattr(member_stack.MemberStack, "gradients", broken)
+    trainer = _trainer(initial, batched=True)
+    with caplog.at_level("WARNING"):
+        got = trainer.train_round(data, epochs=2)
+    assert len(calls) == 2 and trainer.batched is False
+    assert "batched training failed" in caplog.text
+    _assert_same(trainer.state_dict(), expected.state_dict())
+    _assert_same([vars(m) for m in got], [vars(m) for m in expected.last_metrics], "metrics")
+
+
+def test_once_a_batched_round_has_run_its_failures_are_raised(frames, initial, monkeypatch):
+    data = _member_data(frames)
+    trainer = _trainer(initial, batched=True)
+    trainer.train_round(data, epochs=1)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(member_stack.MemberStack, "gradients", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train_round(data, epochs=1)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -55,6 +56,7 @@ from aimspax_like.models.graphs import loader
 from aimspax_like.signals import stop_requested
 
 FrameSplit = tuple[Sequence[Atoms], Sequence[Atoms]]
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -236,6 +238,7 @@ class EnsembleTrainer:
         # None: ``training_cfg.batched_members`` decides (see ``_use_batched``).
         self.batched = batched
         self._stack_template: torch.nn.Module | None = None  # built on the first batched round
+        self._batched_proven = False  # a batched round has completed here (see _batched_round)
         self.cfg = training_cfg
         self.reset_after = reset_after if reset_after and reset_after > 0 else None
         self.min_rel_improvement = float(min_rel_improvement)
@@ -566,6 +569,10 @@ class EnsembleTrainer:
                 self.batched = False
                 return [self._round(k, train, valid, epochs) for k, (train, valid) in enumerate(member_data)]
         graphs = [self._graphs(train, valid) for train, valid in member_data]
+        # The first batched round on a machine is a trial: should the batched step fail there (a
+        # device or library it was never run on), everything is put back as it was and the
+        # committee trains one member after another from then on, instead of the campaign dying.
+        before = None if self._batched_proven else self.state_dict()
         members = range(len(self._states))
         for k in members:
             self._use_raw(k)
@@ -577,8 +584,20 @@ class EnsembleTrainer:
                 [st.generator for st in self._states], epochs, self.cfg.batch_size,
                 (float(self.cfg.energy_weight), float(self.cfg.forces_weight)), self.cfg.clip_grad,
                 self.ensemble.r_max)
-        finally:  # an interrupted round leaves the raw weights live, as an interrupted ``_epoch`` does
-            stack.write_back()
+        except CampaignInterrupted:
+            stack.write_back()  # an interrupted round leaves the raw weights live, as ``_epoch`` does
+            raise
+        except Exception as exc:
+            if before is None:
+                stack.write_back()
+                raise
+            self.load_state_dict(before)
+            self.batched = False
+            _log.warning("batched training failed on this machine (%s: %s); training the members one "
+                         "after another", type(exc).__name__, exc)
+            return [self._round(k, train, valid, epochs) for k, (train, valid) in enumerate(member_data)]
+        stack.write_back()
+        self._batched_proven = True
         for k in members:
             self._states[k].epochs += epochs
             self._use_ema(k)
