@@ -117,7 +117,7 @@ def test_report_files_are_valid_and_the_page_self_contained(finished_campaign, t
     report = make_report(run)
     assert report.index == run / "report/index.html" and report.markdown == run / "report/summary.md"
     assert {f.file.name for f in report.figures} >= {"trajectories.png", "learning_curves.png",
-                                                      "labels_and_workers.png", "wall_time.png"}
+                                                      "labels_and_workers.png", "wall_time.png", "cpu_profile.png"}
     for figure in report.figures:
         assert figure.file.read_bytes().startswith(PNG), figure.file
         assert figure.caption and figure.title

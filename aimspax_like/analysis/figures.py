@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from aimspax_like.analysis import correlation, series
+from aimspax_like.analysis import correlation, profile, series
 from aimspax_like.analysis.run_record import RunRecord
 from aimspax_like.analysis.summary import guard_counts
 
@@ -401,6 +401,42 @@ def wall_time(record: RunRecord, out: Path) -> FigureFile | None:
     return FigureFile(_save(fig, out), "Where the time went", caption)
 
 
+def cpu_profile(record: RunRecord, out: Path) -> FigureFile | None:
+    """(f2) CPU seconds per phase, stacked by kind of work (the summary's CPU profile table)."""
+    summary_profile = (record.summary or {}).get("profile")
+    merged = summary_profile if isinstance(summary_profile, dict) and summary_profile else \
+        profile.from_events(record.events)
+    rows = [(phase, values) for phase, values in profile.cpu_rows(merged) if phase != "total"]
+    if not rows or sum(values[-1] for _, values in rows) <= 0:
+        return None
+    titles = [title for _, title in profile.COLUMNS] + ["other"]
+    colours = ["C0", "C3", "C2", "C4", "C1", "C8", "0.6"]
+    scale, unit = _time_unit(max(values[-1] for _, values in rows))
+    fig = _figure(10, 0.9 + 0.55 * len(rows))
+    ax = fig.subplots()
+    names = [phase for phase, _ in rows][::-1]
+    left = np.zeros(len(rows))
+    for k, title in enumerate(titles):
+        widths = np.array([values[k] for _, values in rows][::-1]) / scale
+        ax.barh(names, widths, left=left, color=colours[k], label=title)
+        left += widths
+    for y, (total, (_, values)) in enumerate(zip(left, rows[::-1], strict=True)):
+        ax.annotate(f"{values[-1] / scale:.1f} {unit}", (total, y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_xlim(0, max(left) * 1.15)
+    ax.set_xlabel(f"CPU time ({unit})")
+    ax.legend(ncol=len(titles), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+    caption = (
+        "CPU time per phase, stacked by kind of work, summed over every driver run that ended cleanly: md "
+        "(the committee's forces and the integration), uncert (Eq. 1, Eq. 2, guards, the energy gate), train "
+        "(training rounds and convergence), labels (the references' CPU on the workers, the programs they "
+        "start included), io (checkpoints, model saves, dataset writes), wait (the driver waiting for labels) "
+        "and other (the rest of the driver's CPU). A phase dominated by md gains little from cheaper "
+        "training; one dominated by train is where bounded rounds (al.rounds) pay.")
+    return FigureFile(_save(fig, out), "Where the CPU went", caption)
+
+
 # ----------------------------------------------------------------------------- g: failures and guards
 
 
@@ -482,6 +518,7 @@ ALL_FIGURES: tuple[tuple[str, Callable[[RunRecord, Path], FigureFile | None]], .
     ("learning_curves.png", learning_curves),
     ("labels_and_workers.png", labels_and_workers),
     ("wall_time.png", wall_time),
+    ("cpu_profile.png", cpu_profile),
     ("failures_and_guards.png", failures_and_guards),
 )
 """(file name, function): each function draws into the given file, or returns None with nothing to draw."""

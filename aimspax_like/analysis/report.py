@@ -34,6 +34,7 @@ MISSING: dict[str, str | None] = {
     "learning_curves.png": "No training round logged yet: no learning curves.",
     "labels_and_workers.png": "No label logged yet: no plot of labels over time.",
     "wall_time.png": "No driver run logged: no wall-time plot.",
+    "cpu_profile.png": None,  # a killed driver run leaves no profile; the wall-time figure says so
     "failures_and_guards.png": "No reference calculation failed and no guard fired: nothing to plot.",
     "cell_volumes.png": None,  # only periodic cells have one: nothing to explain for molecules
 }
