@@ -50,7 +50,7 @@ SAFE_TO_CHANGE = (
     "al.max_md_steps", "al.max_train_set_size", "al.train_set_counts", "al.max_labels_in_flight", "al.failures",
     "idg.max_set_size", "idg.trajectories_per_structure", "idg.converge", "training.allow_mixed_references",
     "cluster", "output", "faults", "reference.timeout_s", "reference.keep_workdir", "reference.warm", "site",
-    "converge.max_epochs", "converge.patience", "al.analysis_every", "training.batched_members",
+    "converge.max_epochs", "converge.patience", "al.analysis_every", "training.batched_members", "al.rounds",
 )
 
 

@@ -189,3 +189,31 @@ def test_a_campaign_with_bounded_rounds_trains_new_points_plus_replay(finished_c
             al_train = r["train_size"] - sum(idg.values())
             assert r["round_frames"] == [idg[k] + al_train for k in range(2)], (r, idg)
     assert any(r["full_pass"] for r in rounds)
+
+
+def test_a_resumed_campaign_may_switch_its_rounds(tmp_path) -> None:
+    """A profile showing the AL phase going to training is a reason to switch to replay mid-run:
+    the rounds change how later rounds train, never what was computed, so a resume accepts it."""
+    import yaml
+
+    from aimspax_like.committee import Committee
+    from aimspax_like.data import LabelledFrame
+    from aimspax_like.state import unsafe_changes
+
+    full = config_from_dict(tiny_config(tmp_path))
+    replayed = config_from_dict(tiny_config(tmp_path, al={"rounds": {"mode": "replay", "replay_size": 2}}))
+    dump = [yaml.safe_dump(c.model_dump(mode="json")) for c in (full, replayed)]
+    assert unsafe_changes(*dump) == []
+    # A committee state saved under full rounds has no planner memory: the frames it held count
+    # as trained, and only frames added afterwards are new.
+    atoms = tiny_cluster()
+    frames = [LabelledFrame.from_atoms(atoms, energy=-1.0 - 0.01 * k, forces=[[0.01 * k, 0, 0]] * 6,
+                                       split="valid" if k % 4 == 0 else "train", origin="idg", md_step=k)
+              for k in range(9)]
+    saved = Committee.from_data(full, frames, sorted(set(atoms.numbers))).state_dict()
+    assert "rounds" not in saved
+    committee = Committee.from_data(replayed, frames, sorted(set(atoms.numbers)))
+    committee.bound_rounds(replayed.al.rounds, epochs_per_point=1, seed=0)
+    committee.load_state_dict(saved)
+    assert not any(committee.planner.is_new(a) for a in committee.member_train[0])
+    assert committee.planner.plan(committee.member_train).sizes() == [2, 2]
