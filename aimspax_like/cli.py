@@ -14,6 +14,9 @@ at the end of every campaign); it prints the paths it wrote.
 ``report/validation.json``; ``testset CONFIG_OR_RUN --output FILE.xyz`` makes a held-out test
 set (both in ``aimspax_like.validation``).
 
+``harvest TRAJ --model RUN_OR_FILES (--top K | --above X)`` writes the frames of an MD trajectory
+the committee disagrees on most (Eq. 1), decorrelated, as unlabelled extxyz (``aimspax_like.harvest``).
+
 ``resume RUN_DIR`` (or ``run CONFIG --resume``) continues a campaign from its checkpoint. While a
 campaign runs, SIGTERM (what SLURM sends before the walltime kill) or SIGINT saves the state and
 stops within seconds with exit code 128 + the signal number (143, 130).
@@ -80,6 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--line", action="store_true", help="print the status as one plain line")
     report = sub.add_parser("report", help="write report/ of a run: figures, summary.md and index.html")
     report.add_argument("run_dir", type=Path, help="run directory (holds campaign.yaml)")
+    harvest = sub.add_parser("harvest", help="the frames of an MD trajectory the committee is least sure of",
+                             description="Scores every frame with Eq. 1 and writes the most uncertain ones, at "
+                                         "least --min-separation frames apart, as unlabelled extxyz.")
+    harvest.add_argument("trajectory", type=Path, help="any trajectory ASE reads (extxyz, .traj, ...)")
+    harvest.add_argument("--model", type=Path, nargs="+", required=True, metavar="RUN_DIR_OR_MODEL",
+                         help="a run directory (its models/member_*.model) or two or more MACE model files")
+    harvest.add_argument("--top", type=int, help="write the K most uncertain frames")
+    harvest.add_argument("--above", type=float, help="write every frame above this Eq. 1 value (eV/A)")
+    harvest.add_argument("--output", type=Path, help="extxyz to write (default: <stem>_harvest.xyz beside it)")
+    harvest.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    harvest.add_argument("--min-separation", type=int, default=10,
+                         help="frames picked are at least this many frames apart in the file (default: 10)")
+    harvest.add_argument("--index", default=":", help="frames to read, a number or slice like '100:' (default ':')")
+    harvest.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default: cpu)")
+    harvest.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    harvest.add_argument("--batch", type=int, default=32, help="frames per committee call (default: 32)")
     import importlib
 
     for module in COMMAND_MODULES:
@@ -182,6 +201,25 @@ def _report(args: argparse.Namespace) -> int:
         print(path)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _harvest(args: argparse.Namespace) -> int:
+    """``harvest TRAJ --model ...``: rank frames by Eq. 1 and write the decorrelated top ones
+    (``aimspax_like.harvest``). Flags are checked there, not by argparse, so that a missing or
+    doubled --top/--above is one ``error:`` line like every other bad input."""
+    from aimspax_like.harvest import harvest, render_table
+
+    result = harvest(args.trajectory, args.model, top=args.top, above=args.above, output=args.output,
+                     overwrite=args.overwrite, min_separation=args.min_separation, index=args.index,
+                     device=args.device, dtype=args.dtype, batch=args.batch)
+    if result.picked:
+        print(render_table(result.picked))
+    above = "" if result.n_above is None else f", {result.n_above} above {args.above:g} eV/A"
+    where = f" -> {result.output}" if result.output is not None else " (nothing written)"
+    short = args.top is not None and len(result.picked) < args.top
+    why = f" ({args.top} asked; every other frame is within --min-separation {args.min_separation})" if short else ""
+    print(f"frames: {result.n_read} read{above}, {len(result.picked)} written{where}{why}")
     return 0
 
 
@@ -322,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "harvest":
+            return _harvest(args)
         module = _module_of(args.command)
         if module is not None:
             import importlib
