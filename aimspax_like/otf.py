@@ -1,0 +1,324 @@
+"""On-the-fly learning inside any ASE simulation (FALCON-style): an ASE calculator that learns as it goes.
+
+The campaign's active learning runs its own MD; this calculator instead lets a user's own ASE
+driver (Langevin, an optimiser, NEB, a Monte Carlo loop) steer the committee. Every call asks
+the committee first. When the committee disagrees more than the trigger allows, the reference
+labels the structure, the label is stored durably, the committee trains on it, and the call
+answers with the reference's numbers: the simulation never takes a step on a prediction that
+was judged untrustworthy. Below the trigger the committee mean is returned, which is the cheap
+path that makes the whole scheme worth it.
+
+Uncertainty measures (both are computed every call, one of them drives the trigger):
+
+- ``"energy"``: FALCON's energy disagreement, the standard deviation of the members' total
+  energies (per atom with ``energy_per_atom``, so one threshold fits systems of any size);
+- ``"forces"``: Eq. 1, the largest per-atom force standard deviation (``max_atomic_uncertainty``).
+
+Trigger: a fixed ``threshold`` (FALCON's epsilon) or ``"moving_average"`` (Eq. 2,
+``MovingAverageThreshold``). The moving average follows the scheduler's semantics: the value is
+read before this call's uncertainty is added, it is infinite during the warm-up (nothing is
+labelled while the average means nothing), and only unlabelled (trusted) uncertainties enter
+the window.
+
+A failed reference calculation (crash, SCF failure, timeout, non-finite numbers) raises
+``ReferenceLabelError``: the structure was judged too uncertain for the committee, so
+continuing on the committee's guess would silently defeat the point; nothing is stored or
+trained on for it.
+
+Labels are stored with origin ``"al"`` (on-the-fly labels are active-learning labels: the
+same dataset tools, exports and training read them) and ``source="otf"``, which tells them
+apart from a campaign's own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from aimspax_like.committee import Committee
+from aimspax_like.config import CampaignConfig
+from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
+from aimspax_like.data.splits import SplitCounter
+from aimspax_like.events import EventLog
+from aimspax_like.reference.label import label
+from aimspax_like.reference.results import LabelResult
+from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty, stress_uncertainty
+
+__all__ = ["OTF_ORIGIN", "OTF_SOURCE", "OnTheFlyCalculator", "ReferenceLabelError"]
+
+OTF_ORIGIN = "al"
+OTF_SOURCE = "otf"
+MEASURES = ("energy", "forces")
+
+
+class ReferenceLabelError(RuntimeError):
+    """The reference could not label a structure the committee was too uncertain about."""
+
+
+def _voigt(stress: np.ndarray) -> np.ndarray:
+    m = np.asarray(stress, dtype=float).reshape(3, 3)
+    return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
+
+
+class OnTheFlyCalculator(Calculator):
+    """Committee-mean predictions, replaced by reference labels (which the committee then learns)
+    wherever the committee's uncertainty exceeds the trigger.
+
+    ``results`` carry, besides ``energy``/``free_energy``/``forces`` (and ``stress``),
+    ``uncertainty_energy``, ``uncertainty_forces``, ``threshold`` and ``labelled``, so a driver's
+    observer can see every decision without a second evaluation.
+
+    Stress: for a fully periodic cell it is computed on every call (committee mean, or the
+    reference's on a labelled call) unless ``compute_stress=False``. Computing it only when asked
+    would let ASE's later ``get_stress()`` on the same geometry re-enter ``calculate`` and take a
+    second labelling decision for one structure.
+
+    ``min_train``: while the committee holds fewer distinct training frames than this, every
+    call is labelled, because a committee that has barely seen data can agree by chance.
+    ``log_every``: an ``otf_step`` event every that many calls (and on every label), so that the
+    event log of a long MD stays small.
+    """
+
+    implemented_properties = ("energy", "free_energy", "forces", "stress")
+
+    def __init__(
+        self,
+        committee: Committee,
+        reference: Mapping[str, Any] | Any,
+        store: DatasetStore | None = None,
+        measure: str = "forces",
+        threshold: float | str | MovingAverageThreshold = 0.1,
+        energy_per_atom: bool = True,
+        epochs: int = 2,
+        valid_ratio: float = 0.2,
+        events: EventLog | None = None,
+        min_train: int = 0,
+        *,
+        log_every: int = 10,
+        compute_stress: bool = True,
+        trajectory: int = 0,
+        scratch: str | os.PathLike[str] | None = None,
+        window: int = 400,
+        c_x: float = 0.0,
+        warmup: int = 10,
+    ) -> None:
+        super().__init__()
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        if epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not 0.0 <= valid_ratio < 1.0:
+            raise ValueError(f"valid_ratio must lie in [0, 1), got {valid_ratio}")
+        if log_every < 1:
+            raise ValueError("log_every must be at least 1")
+        self.moving: MovingAverageThreshold | None = None
+        self.fixed_threshold: float | None = None
+        if isinstance(threshold, MovingAverageThreshold):
+            self.moving = threshold
+        elif isinstance(threshold, str):
+            if threshold != "moving_average":
+                raise ValueError(f"threshold must be a number or 'moving_average', got {threshold!r}")
+            self.moving = MovingAverageThreshold(window=window, c_x=c_x, warmup=warmup)
+        else:
+            self.fixed_threshold = float(threshold)
+            if not self.fixed_threshold > 0.0:
+                raise ValueError(f"a fixed threshold must be positive, got {threshold}")
+        self.committee = committee
+        spec = reference.model_dump(mode="json") if hasattr(reference, "model_dump") else dict(reference)
+        self.reference_spec: dict[str, Any] = spec
+        self.fingerprint = reference_fingerprint(spec)
+        self.store = store
+        self.measure = measure
+        self.energy_per_atom = energy_per_atom
+        self.epochs = int(epochs)
+        self.valid_ratio = float(valid_ratio)
+        self.events = events
+        self.min_train = int(min_train)
+        self.log_every = int(log_every)
+        self.compute_stress = compute_stress
+        self.trajectory = int(trajectory)
+        self.scratch = None if scratch is None else Path(scratch)
+        # A store already holding this calculator's labels continues their train/valid pattern.
+        done = 0
+        if store is not None:
+            identities = store.keys()  # (origin, trajectory, md_step) of every stored frame
+            done = sum(1 for origin, traj, _ in identities if origin == OTF_ORIGIN and traj == self.trajectory)
+        self.splits = None if self.valid_ratio == 0.0 else SplitCounter(self.valid_ratio, start=done)
+        self.n_calls = 0
+        self.n_labels = 0
+        self.labelled_steps: list[int] = []
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_files(
+        cls,
+        model_paths: Sequence[str | os.PathLike[str]],
+        config: CampaignConfig,
+        reference: Mapping[str, Any] | Any | None = None,
+        store_path: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> OnTheFlyCalculator:
+        """Continue from saved members (a campaign's ``models/``) with the frames of ``store_path``.
+
+        The store is opened when it exists (its train/valid frames join the members' training
+        sets, as in ``Committee.from_files``) and created otherwise. ``reference`` defaults to
+        the config's own, so the new labels share the campaign's fingerprint.
+        """
+        store = None
+        frames: list[LabelledFrame] = []
+        if store_path is not None:
+            path = Path(store_path)
+            store = DatasetStore.open(path) if path.exists() else DatasetStore.create(path)
+            frames = store.frames()
+        committee = Committee.from_files(config, [Path(p) for p in model_paths], frames)
+        spec = config.reference if reference is None else reference
+        return cls(committee, spec, store, **options)
+
+    @classmethod
+    def from_frames(
+        cls,
+        config: CampaignConfig,
+        frames: Sequence[LabelledFrame],
+        reference: Mapping[str, Any] | Any | None = None,
+        store: DatasetStore | None = None,
+        initial_epochs: int = 5,
+        atomic_numbers: Sequence[int] | None = None,
+        **options: Any,
+    ) -> OnTheFlyCalculator:
+        """A fresh committee fitted ``initial_epochs`` epochs on a few labelled frames.
+
+        ``atomic_numbers`` must name every element the simulation may meet (MACE cannot add one
+        later); by default those of ``frames``.
+        """
+        numbers = set(atomic_numbers or ()) | {int(z) for f in frames for z in f.numbers}
+        committee = Committee.from_data(config, list(frames), sorted(numbers))
+        if initial_epochs > 0:
+            committee.train_round(initial_epochs)
+        spec = config.reference if reference is None else reference
+        return cls(committee, spec, store, **options)
+
+    # ------------------------------------------------------------------ ASE
+
+    @property
+    def threshold(self) -> float:
+        """The trigger's current value on the chosen measure (infinite during a moving-average warm-up)."""
+        if self.moving is not None:
+            return self.moving.value
+        assert self.fixed_threshold is not None
+        return self.fixed_threshold
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        periodic = bool(np.all(atoms.pbc))
+        want_stress = periodic and self.compute_stress
+        if "stress" in properties and not want_stress:
+            raise PropertyNotImplementedError(
+                "stress needs a fully periodic cell (and compute_stress=True)")
+        step = self.n_calls
+        self.n_calls += 1
+
+        prediction = self.committee.ensemble.predict([atoms])
+        member_forces = prediction.forces_of(0)
+        member_energies = prediction.energies[:, 0]
+        u_forces = max_atomic_uncertainty(member_forces)
+        u_energy = float(np.std(member_energies))
+        if self.energy_per_atom:
+            u_energy /= len(atoms)
+        measured = u_forces if self.measure == "forces" else u_energy
+        threshold = self.threshold
+        untrained = len(self.committee.all_train) < self.min_train
+        labelled = untrained or measured > threshold
+
+        results: dict[str, Any]
+        if labelled:
+            results = self._label(atoms, step, measured, want_stress)
+        else:
+            energy = float(member_energies.mean())
+            results = {"energy": energy, "free_energy": energy, "forces": member_forces.mean(axis=0)}
+            if want_stress:
+                results["stress"] = _voigt(self.committee.committee_stresses([atoms])[0].mean(axis=0))
+            if self.moving is not None:
+                self.moving.update(measured)  # only trusted steps feed Eq. 2, as in the scheduler
+        results.update(uncertainty_energy=u_energy, uncertainty_forces=u_forces,
+                       threshold=threshold, labelled=labelled)
+        self.results = results
+        if self.events is not None and (labelled or step % self.log_every == 0):
+            self.events.emit("otf_step", step=step, uncertainty_energy=u_energy, uncertainty_forces=u_forces,
+                             measure=self.measure, threshold=threshold, labelled=labelled,
+                             reason="min_train" if untrained else None)
+
+    # ------------------------------------------------------------------ labelling
+
+    def _workdir(self, step: int) -> tuple[str, tempfile.TemporaryDirectory[str] | None]:
+        """The label's scratch folder: under ``scratch``, else beside the store, else a temporary one."""
+        base = self.scratch
+        if base is None and self.store is not None:
+            base = self.store.path.parent / "otf_scratch"
+        if base is None:
+            holder = tempfile.TemporaryDirectory(prefix="otf_label_")
+            return holder.name, holder
+        return str(base / f"traj{self.trajectory}_step{step}"), None
+
+    def _label(self, atoms: Atoms, step: int, measured: float, want_stress: bool) -> dict[str, Any]:
+        spec = dict(self.reference_spec)
+        if want_stress:
+            spec["compute_stress"] = True
+        workdir, holder = self._workdir(step)
+        try:
+            outcome = label(atoms, spec, workdir)
+        finally:
+            if holder is not None:
+                holder.cleanup()
+        if not isinstance(outcome, LabelResult):
+            if self.events is not None:
+                self.events.emit("otf_label_failed", step=step, kind=str(outcome.kind.value),
+                                 message=outcome.message, wall_s=outcome.wall_s)
+            raise ReferenceLabelError(
+                f"reference ({spec.get('kind')}) failed at call {step}: {outcome.kind.value}: {outcome.message}"
+                + (f" (scratch kept in {outcome.workdir})" if outcome.workdir and holder is None else ""))
+        split = "train" if self.splits is None else self.splits.next()
+        # LabelledFrame refuses non-finite numbers (label() already checked): nothing bad is stored.
+        frame = LabelledFrame.from_atoms(
+            atoms, energy=outcome.energy, forces=outcome.forces,
+            stress=outcome.stress if want_stress else None,
+            split=split, origin=OTF_ORIGIN, trajectory=self.trajectory, md_step=step,
+            uncertainty=measured, reference=self.fingerprint, label_wall_s=outcome.wall_s, source=OTF_SOURCE,
+        )
+        index = self.store.append(frame) if self.store is not None else None
+        self.committee.add(frame)
+        start = time.monotonic()
+        self.committee.train_round(self.epochs)
+        train_s = time.monotonic() - start
+        self.n_labels += 1
+        self.labelled_steps.append(step)
+        if self.events is not None:
+            self.events.emit("otf_label", step=step, split=split, index=index, uncertainty=measured,
+                             label_wall_s=outcome.wall_s, train_wall_s=train_s,
+                             train_set=len(self.committee.all_train),
+                             valid_force_mae=self.committee.valid_force_mae())
+        results: dict[str, Any] = {"energy": float(outcome.energy), "free_energy": float(outcome.energy),
+                                   "forces": np.array(outcome.forces, dtype=float)}
+        if want_stress:
+            if outcome.stress is None:
+                raise ReferenceLabelError(f"reference ({spec.get('kind')}) returned no stress at call {step}")
+            results["stress"] = np.asarray(outcome.stress, dtype=float).reshape(6).copy()
+        return results
+
+    def stress_disagreement(self, atoms: Atoms) -> float:
+        """The committee's stress disagreement of a periodic cell (eV/A^3), for drivers under NPT."""
+        return stress_uncertainty(self.committee.committee_stresses([atoms])[0])
