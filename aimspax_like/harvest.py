@@ -21,7 +21,6 @@ without the command line; ``aimspax_like.cli`` only parses flags and prints.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from aimspax_like.data.xyz import check_new_file, write_images
 from aimspax_like.errors import SetupError
 from aimspax_like.uncertainty import max_atomic_uncertainty
 
@@ -232,19 +232,6 @@ def default_output(trajectory: Path) -> Path:
     return trajectory.with_name(f"{trajectory.stem}_harvest.xyz")
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse before any scoring, so a long scoring run never ends in a refusal."""
-    if path.is_dir():
-        raise SetupError(f"{path}: is a folder; give the file to write with --output")
-    if path.exists() and not overwrite:
-        raise SetupError(f"{path}: file exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise SetupError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SetupError(f"{path}: folder {parent} is not writable")
-
-
 def harvested_atoms(atoms: Atoms, score: FrameScore, source: str) -> Atoms:
     """A bare copy of the geometry with the harvest keys.
 
@@ -256,19 +243,6 @@ def harvested_atoms(atoms: Atoms, score: FrameScore, source: str) -> Atoms:
     bare.info[INFO_ENERGY_STD] = score.energy_std_per_atom
     bare.info[INFO_SOURCE] = f"{source}#{score.index}"
     return bare
-
-
-def write_harvest(path: Path, frames: Sequence[Atoms]) -> Path:
-    """Write extxyz through a temp file beside ``path``, so a crash never leaves half a file."""
-    import ase.io
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        ase.io.write(tmp, list(frames), format="extxyz")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def render_table(picked: Sequence[FrameScore]) -> str:
@@ -311,7 +285,7 @@ def harvest(
     if batch < 1:
         raise SetupError(f"--batch: must be at least 1 (got {batch})")
     output = output if output is not None else default_output(trajectory)
-    check_output(output, overwrite)
+    check_new_file(output, overwrite, "with --output")  # before any scoring
     frames = read_trajectory(trajectory, index)
     files = model_files(models)
     ensemble = load_committee(files, device, dtype)
@@ -322,5 +296,5 @@ def harvest(
     if not picked:
         return HarvestResult(len(frames), n_above, picked, None)
     by_index = dict(frames)
-    write_harvest(output, [harvested_atoms(by_index[s.index], s, str(trajectory)) for s in picked])
+    write_images(output, [harvested_atoms(by_index[s.index], s, str(trajectory)) for s in picked])
     return HarvestResult(len(frames), n_above, picked, output)

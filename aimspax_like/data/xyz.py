@@ -69,6 +69,35 @@ def export_extxyz(frames: Iterable[LabelledFrame], path: str | os.PathLike[str])
     return target
 
 
+def check_new_file(path: Path, overwrite: bool, hint: str) -> None:
+    """Refuse an output path before any work is done, so a long run never ends in a refusal:
+    a folder (``hint`` says how to name the file), an existing file without ``overwrite``, a
+    missing or read-only folder. Raises ``SetupError`` naming the path."""
+    if path.is_dir():
+        raise SetupError(f"{path}: is a folder; give the file to write {hint}")
+    if path.exists() and not overwrite:
+        raise SetupError(f"{path}: file exists; pass --overwrite to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SetupError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SetupError(f"{path}: folder {parent} is not writable")
+
+
+def write_images(path: Path, images: Iterable[Atoms]) -> Path:
+    """ASE images as extxyz through a temporary file renamed into place: no reader ever sees
+    half a file, and a crash leaves the old file or none."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        ase.io.write(tmp, list(images), format="extxyz")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _label(atoms: Atoms, key: str, calc_key: str, per_atom: bool) -> Any | None:
     """Find a label under ``key`` (info or arrays) or, failing that, among calculator results.
 

@@ -27,7 +27,6 @@ logs go to a temporary folder that is removed at the end.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from aimspax_like.data.xyz import check_new_file, write_images
 from aimspax_like.errors import SetupError
 
 SEED_OFFSET = 7001  # MD seeds apart from IDG's (seed) and the campaign test set's (seed + 99 + i)
@@ -130,7 +130,7 @@ def plan(source: Path, options: TestsetOptions) -> _Plan:
                          "PATH, or --pool 1 to keep every strided frame")
     if model is not None:
         _check_model(model, structures)
-    _check_output(Path(options.output), options.overwrite)
+    check_new_file(Path(options.output), options.overwrite, "(FILE.xyz)")
     label = options.sampler == "model" or bool(config.reference.compute_stress)
     seed = int(options.seed if options.seed is not None else config.seed)
     return _Plan(config, structures, temperatures, stride, frames, frames * options.pool, seed,
@@ -144,18 +144,6 @@ def _check_model(path: Path, structures: list[Atoms]) -> None:
     unknown = sorted({int(z) for a in structures for z in a.numbers} - {int(z) for z in model.z_table.zs})
     if unknown:
         raise SetupError(f"{path}: the model has no elements {unknown} of the start structures")
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise SetupError(f"{path}: is a folder; give the file to write (FILE.xyz)")
-    if path.exists() and not overwrite:
-        raise SetupError(f"{path}: file exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise SetupError(f"{parent}: folder not found")
-    if not os.access(parent, os.W_OK):
-        raise SetupError(f"{parent}: not writable")
 
 
 # --------------------------------------------------------------------------- the command
@@ -186,7 +174,7 @@ def make_test_set(source: Path, options: TestsetOptions, executor: Any = None) -
         rows.append({"temperature_K": t, "candidates": len(candidates.get(t, [])), "frames": len(mine),
                      "labels_failed": failed})
         images.extend(mine)
-    _write(Path(options.output), images)
+    write_images(Path(options.output), images)
     return TestsetResult(Path(options.output), rows, notes)
 
 
@@ -339,17 +327,3 @@ def _label(p: _Plan, picked: dict[float, list[Atoms]], scratch: str, executor: A
     if failed:
         notes.append(f"{failed} labels failed after their retries and were left out")
     return out
-
-
-def _write(path: Path, images: list[Atoms]) -> None:
-    """extxyz through a temporary file renamed into place, so no reader sees half a file."""
-    import ase.io
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        ase.io.write(tmp, images, format="extxyz")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
