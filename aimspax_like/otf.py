@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from aimspax_like.committee import Committee
 from aimspax_like.config import CampaignConfig
@@ -50,7 +51,7 @@ from aimspax_like.data.splits import SplitCounter
 from aimspax_like.events import EventLog
 from aimspax_like.reference.label import label
 from aimspax_like.reference.results import LabelResult
-from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty, stress_uncertainty
+from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
 
 __all__ = ["OTF_ORIGIN", "OTF_SOURCE", "OnTheFlyCalculator", "ReferenceLabelError"]
 
@@ -61,11 +62,6 @@ MEASURES = ("energy", "forces")
 
 class ReferenceLabelError(RuntimeError):
     """The reference could not label a structure the committee was too uncertain about."""
-
-
-def _voigt(stress: np.ndarray) -> np.ndarray:
-    m = np.asarray(stress, dtype=float).reshape(3, 3)
-    return np.array([m[0, 0], m[1, 1], m[2, 2], m[1, 2], m[0, 2], m[0, 1]])
 
 
 class OnTheFlyCalculator(Calculator):
@@ -251,7 +247,8 @@ class OnTheFlyCalculator(Calculator):
             energy = float(member_energies.mean())
             results = {"energy": energy, "free_energy": energy, "forces": member_forces.mean(axis=0)}
             if want_stress:
-                results["stress"] = _voigt(self.committee.committee_stresses([atoms])[0].mean(axis=0))
+                member_stresses = self.committee.committee_stresses([atoms])[0]
+                results["stress"] = full_3x3_to_voigt_6_stress(member_stresses.mean(axis=0))
             if self.moving is not None:
                 self.moving.update(measured)  # only trusted steps feed Eq. 2, as in the scheduler
         results.update(uncertainty_energy=u_energy, uncertainty_forces=u_forces,
@@ -318,7 +315,3 @@ class OnTheFlyCalculator(Calculator):
                 raise ReferenceLabelError(f"reference ({spec.get('kind')}) returned no stress at call {step}")
             results["stress"] = np.asarray(outcome.stress, dtype=float).reshape(6).copy()
         return results
-
-    def stress_disagreement(self, atoms: Atoms) -> float:
-        """The committee's stress disagreement of a periodic cell (eV/A^3), for drivers under NPT."""
-        return stress_uncertainty(self.committee.committee_stresses([atoms])[0])
