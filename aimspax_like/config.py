@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -778,6 +779,29 @@ def parse_yaml(text: str) -> Any:
     command line) so that they mean what they would mean in the file. Raises ``yaml.YAMLError``.
     """
     return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: builds no Python objects
+
+
+def dotted_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``["al.guards.energy_outlier=12"]`` -> ``{"al": {"guards": {"energy_outlier": 12}}}``: settings
+    given as dotted keys with YAML values (``parse_yaml``), as a nested dict to merge into a config."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_yaml(value)
+    return out
+
+
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dicts key by key (``extra`` wins); neither is changed."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if both else value
+    return out
 
 
 def read_yaml(path: Path) -> Any:

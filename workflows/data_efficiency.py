@@ -67,7 +67,14 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from aimspax_like.config import MDConfig, ModelConfig, TrainingConfig, config_from_dict, parse_yaml
+from aimspax_like.config import (
+    MDConfig,
+    ModelConfig,
+    TrainingConfig,
+    config_from_dict,
+    dotted_settings,
+    merge_settings,
+)
 from aimspax_like.data import DatasetStore, LabelledFrame
 from aimspax_like.data.splits import is_validation
 from aimspax_like.reference.calculators import make_calculator
@@ -295,13 +302,6 @@ def random_set(pool: Sequence[Atoms], n_train: int, settings: Settings, seed: in
 # --------------------------------------------------------------------------- the AL campaign
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def campaign_dict(spec: SystemSpec, structure: Path, settings: Settings, seed: int, run_dir: Path) -> dict[str, Any]:
     """Quickstart-like campaign; IDG collects ``idg_frames_per_member`` training frames per member."""
     per_member = settings.idg_frames_per_member
@@ -326,7 +326,7 @@ def campaign_dict(spec: SystemSpec, structure: Path, settings: Settings, seed: i
         "output": {"directory": str(run_dir)},
         "seed": seed,
     }
-    return _merge(config, settings.campaign_overrides)
+    return merge_settings(config, settings.campaign_overrides)
 
 
 class _CampaignProgress:
@@ -772,22 +772,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         campaign_converge=not args.no_campaign_converge,
         al_max_md_steps=args.al_max_md_steps,
         workers=args.workers,
-        campaign_overrides=_merge(UNGUARDED if args.unguarded else {}, _dotted_settings(args.campaign)),
+        campaign_overrides=merge_settings(UNGUARDED if args.unguarded else {}, dotted_settings(args.campaign)),
     )
-
-
-def _dotted_settings(items: Sequence[str]) -> dict[str, Any]:
-    """``["al.guards.energy_outlier=12"]`` -> ``{"al": {"guards": {"energy_outlier": 12}}}``."""
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_yaml(value)
-    return out
 
 
 def _quiet() -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from aimspax_like.config import dotted_settings, merge_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = [("md", "md"), ("uncertainty", "uncert"), ("training", "train"), ("io", "io")]
 
@@ -34,14 +36,7 @@ KINDS = [("md", "md"), ("uncertainty", "uncert"), ("training", "train"), ("io", 
 def run_config(base: Path, mode: str, seed: int, out: Path, settings: Sequence[str] = ()) -> Path:
     """The campaign file of one run: ``base`` with its structures made absolute and the
     ``KEY=VALUE`` settings (dotted keys, YAML values) applied."""
-    config = yaml.safe_load(base.read_text())
-    for item in settings:
-        key, _, value = item.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    config = merge_settings(yaml.safe_load(base.read_text()), dotted_settings(settings))
     structures = config["system"]["structures"]
     items = structures if isinstance(structures, list) else [structures]
     absolute = [str((base.parent / s).resolve()) if not Path(s).is_absolute() else s for s in items]
