@@ -6,8 +6,8 @@ committee epochs per second, milliseconds per structure (one member's training s
 structure) and CPU seconds per epoch, measured in this one run. Two systems:
 
 * ``ethanol``: the quickstart's molecule and model (9 atoms, 16 channels, max_L 1, float32),
-  40 training frames per member from a 500 K trajectory labelled by EMT-free random rattles of
-  GFN2-xTB where ``tblite`` is installed, else by ASE's EMT stand-in (labels do not change cost);
+  40 training frames per member: random rattles of the molecule labelled by GFN2-xTB where
+  ``tblite`` is installed, else by ASE's EMT as a stand-in (labels do not change the cost);
 * ``cu108``: a periodic 108-atom copper cell (3x3x3 fcc) labelled by EMT, the size of a small
   solid in the paper's studies, same model.
 
