@@ -76,6 +76,17 @@ def _check_step(calc: OnTheFlyCalculator, atoms: Atoms, seen: dict[str, int]) ->
     assert np.isfinite(results["uncertainty_energy"]) and np.isfinite(results["uncertainty_forces"])
 
 
+def _run_langevin(calc: OnTheFlyCalculator, steps: int, seed: int) -> dict[str, int]:
+    """Langevin MD of the cluster at 600 K with ``calc``, every call checked by ``_check_step``."""
+    atoms = tiny_cluster()
+    atoms.calc = calc
+    md = Langevin(atoms, 2 * units.fs, temperature_K=600, friction=0.02, fixcm=False, rng=np.random.default_rng(seed))
+    seen = {"labelled": 0, "committee": 0}
+    md.attach(lambda: _check_step(calc, atoms, seen))
+    md.run(steps)
+    return seen
+
+
 def test_langevin_labels_uncertain_steps_stores_and_learns_them(tmp_path: Path, events: EventLog) -> None:
     store = DatasetStore.create(tmp_path / "otf.h5")
     # Just above the fresh committee's spread at the start geometry (measured, not hard-coded): the
@@ -90,12 +101,7 @@ def test_langevin_labels_uncertain_steps_stores_and_learns_them(tmp_path: Path, 
     calc = _calculator(tmp_path, store=store, measure="forces", threshold=threshold, epochs=1, valid_ratio=0.25,
                        events=events, log_every=5)
     train_before = len(calc.committee.all_train)
-    atoms = tiny_cluster()
-    atoms.calc = calc
-    md = Langevin(atoms, 2 * units.fs, temperature_K=600, friction=0.02, fixcm=False, rng=np.random.default_rng(0))
-    seen = {"labelled": 0, "committee": 0}
-    md.attach(lambda: _check_step(calc, atoms, seen))
-    md.run(30)
+    seen = _run_langevin(calc, steps=30, seed=0)
     events.close()
 
     assert calc.n_labels > 0 and seen["labelled"] > 0 and seen["committee"] > 0, seen
@@ -121,12 +127,8 @@ def test_langevin_labels_uncertain_steps_stores_and_learns_them(tmp_path: Path, 
 def test_a_high_threshold_labels_nothing_and_answers_with_the_committee(tmp_path: Path) -> None:
     calc = _calculator(tmp_path, measure="energy", threshold=1e6, energy_per_atom=False)
     train_before = len(calc.committee.all_train)
-    atoms = tiny_cluster()
-    atoms.calc = calc
-    md = Langevin(atoms, 2 * units.fs, temperature_K=600, friction=0.02, fixcm=False, rng=np.random.default_rng(1))
-    seen = {"labelled": 0, "committee": 0}
-    md.attach(lambda: _check_step(calc, atoms, seen))
-    md.run(10)
+    seen = _run_langevin(calc, steps=10, seed=1)
+    atoms = calc.atoms
     assert calc.n_labels == 0 and seen == {"labelled": 0, "committee": calc.n_calls}
     assert len(calc.committee.all_train) == train_before
     # the energy measure: the members' energy spread, here in total eV
