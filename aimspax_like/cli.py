@@ -99,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     harvest.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default: cpu)")
     harvest.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     harvest.add_argument("--batch", type=int, default=32, help="frames per committee call (default: 32)")
+    otf = sub.add_parser("otf", help="on-the-fly MD: the committee drives, the reference labels where it is unsure",
+                         description="Runs the config's otf section: MD on the committee that labels, stores and "
+                                     "trains wherever its uncertainty exceeds the trigger (resumable).")
+    otf.add_argument("config", type=Path, help="campaign YAML with an otf section")
+    otf.add_argument("--output", type=Path, help="run directory (overrides output.directory)")
+    otf.add_argument("--overwrite", action="store_true", help="start over if the run directory exists")
+    otf.add_argument("--resume", action="store_true", help="continue the run directory from its checkpoint")
+    otf.add_argument("--quiet", action="store_true", help="no progress line")
+    otf.add_argument("--site", help="site profile, a name or a file")
     import importlib
 
     for module in COMMAND_MODULES:
@@ -136,6 +145,11 @@ def _run(args: argparse.Namespace) -> int:
             raise RunDirectoryError(f"{args.run_dir}: not a run directory (no campaign.yaml)")
         config = load_config(args.run_dir / "campaign.yaml")
         config.output.directory = args.run_dir
+        from aimspax_like.otf_run import is_otf_run
+
+        if is_otf_run(args.run_dir):
+            args.resume = True
+            return _otf(args, config)
         args.overwrite, resume, phases = False, True, PHASES_OF["run"]
     else:
         config = load_config(args.config, site=args.site)
@@ -168,6 +182,41 @@ def _run(args: argparse.Namespace) -> int:
         print(f"campaign {summary['directory']} already finished; nothing to do")
         return 0
     print(render(summary))
+    return 0
+
+
+def _otf(args: argparse.Namespace, config: Any = None) -> int:
+    """``otf CONFIG``: an on-the-fly MD run (``aimspax_like.otf_run``); ``resume`` of such a run lands here too."""
+    from aimspax_like.errors import CampaignInterrupted, CampaignStopped
+    from aimspax_like.otf_report import render_markdown
+    from aimspax_like.otf_run import ProgressLine, run_otf
+    from aimspax_like.signals import StopFlag
+
+    if config is None:
+        from aimspax_like.config import load_config
+
+        config = load_config(args.config, site=args.site)
+        if args.output is not None:
+            config.output.directory = args.output
+    progress = None if args.quiet else ProgressLine()
+    stop = StopFlag().install()
+    try:
+        try:
+            summary = run_otf(config, overwrite=getattr(args, "overwrite", False), resume=args.resume,
+                              should_stop=lambda: stop.signum, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+    except (CampaignInterrupted, CampaignStopped, OSError) as exc:
+        root = config.output.directory
+        code = stopped_exit(exc, f"aimspax-like resume {root}", str(root))
+        if code is None:
+            raise
+        return code
+    finally:
+        stop.uninstall()
+    print(render_markdown(summary))
+    print(f"report: {Path(summary['directory']) / 'report' / 'otf.md'}")
     return 0
 
 
@@ -362,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "harvest":
             return _harvest(args)
+        if args.command == "otf":
+            return _otf(args)
         module = _module_of(args.command)
         if module is not None:
             import importlib

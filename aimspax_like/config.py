@@ -16,6 +16,7 @@ themselves as the commented template ``aimspax-like init`` writes, so it never m
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -629,6 +630,122 @@ class TestSetConfig(_Strict):
     )
 
 
+class OTFTriggerConfig(_Strict):
+    """When the on-the-fly run asks the reference instead of trusting the committee.
+
+    ``measure: energy`` is FALCON's energy disagreement (standard deviation of the members' total
+    energies, per atom with ``energy_per_atom``); ``forces`` is Eq. 1. ``threshold`` is a fixed
+    value on that measure (FALCON's epsilon) or ``moving_average`` (Eq. 2 with ``window``,
+    ``c_x`` and ``warmup``, fed only by the steps the committee answered).
+    """
+
+    measure: Literal["energy", "forces"] = Field(
+        "energy", description="energy: spread of the members' energies (FALCON); forces: Eq. 1 (eV/A).",
+    )
+    threshold: float | Literal["moving_average"] = Field(
+        0.1, description="Fixed trigger on the measure (eV, eV/atom with energy_per_atom, or eV/A), or "
+        "moving_average (Eq. 2).",
+    )
+    energy_per_atom: bool = Field(False, description="measure energy: divide the spread by the atom count.")
+    window: int = Field(400, ge=1, description="moving_average: window N of Eq. 2.")
+    c_x: float = Field(0.0, gt=-1, description="moving_average: threshold = (1 + c_x) x the average.")
+    warmup: int = Field(10, ge=1, description="moving_average: steps seen before the threshold is finite.")
+    min_train: int = Field(
+        0, ge=0, description="Label every step while the committee holds fewer training frames than this.",
+    )
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _number_or_moving_average(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "moving_average":
+            raise ValueError(f"must be a number or 'moving_average', got {value!r}")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not value > 0:
+            raise ValueError(f"a fixed threshold must be positive, got {value}")
+        return value
+
+
+class OTFStartConfig(_Strict):
+    """The committee an on-the-fly run starts from.
+
+    ``models``: member files, or one run directory (its ``models/member_*.model``; its labelled
+    frames are copied into this run's dataset so the committee keeps training on them). Without
+    ``models``, a fresh committee is fitted on ``frames`` reference labels of the first start
+    structure: ``relax`` (FALCON's start) relaxes a copy rattled by ``rattle_A`` with the
+    reference and labels frames spread along that path; ``rattle`` labels the structure and
+    rattled copies of it.
+    """
+
+    models: list[_Path] | None = Field(
+        None, description="Member model files or one run directory; null: a fresh committee.",
+    )
+    frames: int = Field(5, ge=1, description="Reference frames a fresh committee is fitted on.")
+    source: Literal["relax", "rattle"] = Field("relax", description="Where a fresh committee's frames come from.")
+    rattle_A: float = Field(0.05, ge=0, description="Standard deviation of the displacements (A).")
+    epochs: int = Field(30, ge=0, description="Epochs the fresh committee is fitted before the MD starts.")
+
+
+class OTFConfig(_Strict):
+    """An on-the-fly MD run (``aimspax-like otf``): the committee drives the MD and learns where unsure.
+
+    The first start structure runs ``steps`` MD steps of ``md``. ``temperature_ramp`` (pairs of
+    [MD step, K], linear in between, held after the last) replaces ``md.temperature_K`` when set.
+    Each label trains the members ``epochs_per_label`` epochs on the rounds ``rounds`` plans.
+    """
+
+    steps: int = Field(10000, ge=1, description="MD steps of the run.")
+    md: MDConfig = Field(default_factory=lambda: MDConfig(temperature_K=300.0))
+    temperature_ramp: list[Annotated[list[float], Field(min_length=2, max_length=2)]] | None = Field(
+        None, min_length=1, description="[[step, K], ...]: the thermostat target, linear between points, held "
+        "after the last; null: md.temperature_K throughout.",
+    )
+    trigger: OTFTriggerConfig = Field(default_factory=OTFTriggerConfig)
+    start: OTFStartConfig = Field(default_factory=OTFStartConfig)
+    epochs_per_label: int = Field(2, ge=1, description="Training epochs after each label.")
+    valid_ratio: float = Field(0.1, ge=0, lt=1, description="Share of labels kept for validation.")
+    rounds: RoundsConfig = Field(
+        default_factory=lambda: RoundsConfig(mode="replay"),
+        description="What each training round covers; replay keeps the cost per label bounded.",
+    )
+    max_failures: int = Field(
+        5, ge=1, description="Failed labels in a row (each rewinds the MD) before the run stops.",
+    )
+    write_every: int = Field(10, ge=1, description="MD steps between frames written to otf/trajectory.xyz.")
+    checkpoint_every: int = Field(200, ge=1, description="MD steps between checkpoints (also after every label).")
+    log_every: int = Field(50, ge=1, description="MD steps between otf_step events (labels are always logged).")
+    validate_frames: int = Field(
+        50, ge=0, description="Written trajectory frames the reference recomputes at the end for the report's "
+        "errors (extra reference calls, never trained on); 0: none.",
+    )
+
+    @field_validator("temperature_ramp")
+    @classmethod
+    def _ramp_in_order(cls, value: list[list[float]] | None) -> list[list[float]] | None:
+        if value is None:
+            return value
+        if any(step < 0 or kelvin <= 0 for step, kelvin in value):
+            raise ValueError("temperature_ramp needs [step >= 0, K > 0] pairs")
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(value)):
+            raise ValueError("temperature_ramp steps must increase")
+        return value
+
+    def temperature_at(self, step: int) -> float:
+        """The thermostat target at an MD step."""
+        if not self.temperature_ramp:
+            return self.md.temperature_K
+        points = self.temperature_ramp
+        if step <= points[0][0]:
+            return float(points[0][1])
+        for (s0, t0), (s1, t1) in itertools.pairwise(points):
+            if step <= s1:
+                return float(t0 + (t1 - t0) * (step - s0) / (s1 - s0))
+        return float(points[-1][1])
+
+
 class OutputConfig(_Strict):
     """Where the run directory goes."""
 
@@ -656,6 +773,9 @@ class CampaignConfig(_Strict):
     al: ALConfig = Field(default_factory=ALConfig)
     converge: ConvergeConfig = Field(default_factory=ConvergeConfig)
     test_set: TestSetConfig = Field(default_factory=TestSetConfig)
+    otf: OTFConfig = Field(
+        default_factory=OTFConfig, description="The on-the-fly MD run of 'aimspax-like otf' (campaigns ignore it).",
+    )
     cluster: ClusterConfig = Field(default_factory=LocalCluster, description="Where the labels run.")
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = Field(0, description="Base seed; member k gets seed + k unless model.seeds is set.")
@@ -929,6 +1049,8 @@ def load_config(path: str | Path, site: str | None = None) -> CampaignConfig:
         source.path = source.path if source.path.is_absolute() else base / source.path
     if config.model.start_from is not None:
         config.model.start_from = [_resolve_model(name, base) for name in config.model.start_from]
+    if config.otf.start.models is not None:
+        config.otf.start.models = [p if p.is_absolute() else base / p for p in config.otf.start.models]
     return config
 
 

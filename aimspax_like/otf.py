@@ -32,10 +32,11 @@ apart from a campaign's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ __all__ = ["OTF_ORIGIN", "OTF_SOURCE", "OnTheFlyCalculator", "ReferenceLabelErro
 OTF_ORIGIN = "al"
 OTF_SOURCE = "otf"
 MEASURES = ("energy", "forces")
+TIMED = ("model", "training", "reference")
 
 
 class ReferenceLabelError(RuntimeError):
@@ -151,6 +153,15 @@ class OnTheFlyCalculator(Calculator):
         self.n_calls = 0
         self.n_labels = 0
         self.labelled_steps: list[int] = []
+        self._guess: tuple[float, np.ndarray] = (float("nan"), np.zeros((0, 3)))
+        # Wall and CPU seconds of the three costs an on-the-fly run weighs against each other.
+        self.timings: dict[str, float] = {f"{part}_{kind}": 0.0 for part in TIMED for kind in ("s", "cpu_s")}
+        # Labels stored by an earlier process of a resumed run, by call number: a call that
+        # meets one of them at the same geometry takes it instead of asking the reference again.
+        self.stored_labels: dict[int, int] = {}
+        if store is not None:
+            self.stored_labels = {step: row for row, (origin, traj, step) in enumerate(store.keys())
+                                  if origin == OTF_ORIGIN and traj == self.trajectory}
 
     # ------------------------------------------------------------------ construction
 
@@ -228,7 +239,8 @@ class OnTheFlyCalculator(Calculator):
         step = self.n_calls
         self.n_calls += 1
 
-        prediction = self.committee.ensemble.predict([atoms])
+        with self._timed("model"):
+            prediction = self.committee.ensemble.predict([atoms])
         member_forces = prediction.forces_of(0)
         member_energies = prediction.energies[:, 0]
         u_forces = max_atomic_uncertainty(member_forces)
@@ -242,12 +254,14 @@ class OnTheFlyCalculator(Calculator):
 
         results: dict[str, Any]
         if labelled:
+            self._guess = (float(member_energies.mean()), member_forces.mean(axis=0))
             results = self._label(atoms, step, measured, want_stress)
         else:
             energy = float(member_energies.mean())
             results = {"energy": energy, "free_energy": energy, "forces": member_forces.mean(axis=0)}
             if want_stress:
-                member_stresses = self.committee.committee_stresses([atoms])[0]
+                with self._timed("model"):
+                    member_stresses = self.committee.committee_stresses([atoms])[0]
                 results["stress"] = full_3x3_to_voigt_6_stress(member_stresses.mean(axis=0))
             if self.moving is not None:
                 self.moving.update(measured)  # only trusted steps feed Eq. 2, as in the scheduler
@@ -258,6 +272,35 @@ class OnTheFlyCalculator(Calculator):
             self.events.emit("otf_step", step=step, uncertainty_energy=u_energy, uncertainty_forces=u_forces,
                              measure=self.measure, threshold=threshold, labelled=labelled,
                              reason="min_train" if untrained else None)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            yield
+        finally:
+            self.timings[f"{part}_s"] += time.monotonic() - wall
+            self.timings[f"{part}_cpu_s"] += time.process_time() - cpu
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the committee's own state: the call counter, the
+        labels so far, the Eq. 2 window, the train/valid pattern and the time spent."""
+        return {
+            "n_calls": self.n_calls, "n_labels": self.n_labels, "labelled_steps": list(self.labelled_steps),
+            "moving": None if self.moving is None else self.moving.state_dict(),
+            "splits": None if self.splits is None else self.splits.k, "timings": dict(self.timings),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``. The split counter is not rewound: labels stored after the
+        checkpoint keep their split, and the next new label continues after them."""
+        self.n_calls, self.n_labels = int(state["n_calls"]), int(state["n_labels"])
+        self.labelled_steps = [int(k) for k in state["labelled_steps"]]
+        if self.moving is not None and state["moving"] is not None:
+            self.moving = MovingAverageThreshold.from_state_dict(state["moving"])
+        self.timings.update(state["timings"])
 
     # ------------------------------------------------------------------ labelling
 
@@ -271,13 +314,33 @@ class OnTheFlyCalculator(Calculator):
             return holder.name, holder
         return str(base / f"traj{self.trajectory}_step{step}"), None
 
+    def _stored_label(self, atoms: Atoms, step: int) -> LabelledFrame | None:
+        """The frame an earlier process of this run stored for this call, if it is this geometry."""
+        index = self.stored_labels.get(step)
+        if index is None or self.store is None:
+            return None
+        frame = self.store.frame(index)
+        same = (len(frame.numbers) == len(atoms) and np.array_equal(frame.numbers, atoms.numbers)
+                and np.allclose(frame.positions, atoms.positions, rtol=0.0, atol=1e-6))
+        return frame if same else None
+
     def _label(self, atoms: Atoms, step: int, measured: float, want_stress: bool) -> dict[str, Any]:
+        stored = self._stored_label(atoms, step)
+        if stored is not None and (stored.stress is not None or not want_stress):
+            # A resumed run replaying the step it was killed after: the label is in the dataset
+            # (and the committee was built with it); asking the reference again would repeat it.
+            if self.events is not None:
+                self.events.emit("otf_label", step=step, split=stored.split, index=self.stored_labels[step],
+                                 uncertainty=measured, label_wall_s=0.0, reused=True)
+            return self._learn(step, stored.energy, stored.forces, stored.stress if want_stress else None,
+                               want_stress, new_frame=None)
         spec = dict(self.reference_spec)
         if want_stress:
             spec["compute_stress"] = True
         workdir, holder = self._workdir(step)
         try:
-            outcome = label(atoms, spec, workdir)
+            with self._timed("reference"):
+                outcome = label(atoms, spec, workdir)
         finally:
             if holder is not None:
                 holder.cleanup()
@@ -296,22 +359,41 @@ class OnTheFlyCalculator(Calculator):
             split=split, origin=OTF_ORIGIN, trajectory=self.trajectory, md_step=step,
             uncertainty=measured, reference=self.fingerprint, label_wall_s=outcome.wall_s, source=OTF_SOURCE,
         )
+        if want_stress and outcome.stress is None:
+            raise ReferenceLabelError(f"reference ({spec.get('kind')}) returned no stress at call {step}")
+        # Durable before anything learns from it: a kill from here on loses no label.
         index = self.store.append(frame) if self.store is not None else None
-        self.committee.add(frame)
+        if index is not None:
+            self.stored_labels[step] = index
+        if self.events is not None:
+            guess_energy, guess_forces = self._guess
+            # What the committee would have answered: its true error where it was unsure, the
+            # evidence for (or against) trusting its uncertainty elsewhere.
+            self.events.emit("otf_label", step=step, split=split, index=index, uncertainty=measured,
+                             label_wall_s=outcome.wall_s, reused=False,
+                             error_energy=abs(guess_energy - float(outcome.energy)),
+                             error_forces=float(np.linalg.norm(guess_forces - outcome.forces, axis=1).max()))
+        return self._learn(step, outcome.energy, outcome.forces, outcome.stress if want_stress else None,
+                           want_stress, new_frame=frame)
+
+    def _learn(self, step: int, energy: float, forces: np.ndarray, stress: np.ndarray | None, want_stress: bool,
+               new_frame: LabelledFrame | None) -> dict[str, Any]:
+        """Train on a label (``new_frame`` joins the committee first; a reused one is there already)
+        and answer the call with the reference's numbers."""
+        if new_frame is not None:
+            self.committee.add(new_frame)
         start = time.monotonic()
-        self.committee.train_round(self.epochs)
-        train_s = time.monotonic() - start
+        with self._timed("training"):
+            self.committee.train_round(self.epochs)
         self.n_labels += 1
         self.labelled_steps.append(step)
         if self.events is not None:
-            self.events.emit("otf_label", step=step, split=split, index=index, uncertainty=measured,
-                             label_wall_s=outcome.wall_s, train_wall_s=train_s,
+            self.events.emit("otf_train", step=step, train_wall_s=time.monotonic() - start,
                              train_set=len(self.committee.all_train),
                              valid_force_mae=self.committee.valid_force_mae())
-        results: dict[str, Any] = {"energy": float(outcome.energy), "free_energy": float(outcome.energy),
-                                   "forces": np.array(outcome.forces, dtype=float)}
+        results: dict[str, Any] = {"energy": float(energy), "free_energy": float(energy),
+                                   "forces": np.array(forces, dtype=float)}
         if want_stress:
-            if outcome.stress is None:
-                raise ReferenceLabelError(f"reference ({spec.get('kind')}) returned no stress at call {step}")
-            results["stress"] = np.asarray(outcome.stress, dtype=float).reshape(6).copy()
+            assert stress is not None
+            results["stress"] = np.asarray(stress, dtype=float).reshape(6).copy()
         return results
