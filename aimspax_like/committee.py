@@ -159,6 +159,23 @@ class Committee:
         self.last_round = {"full_pass": plan.full, "round_frames": plan.sizes()}
         return self.last_metrics
 
+    def refit_energies(self, max_frames: int | None = None) -> list[dict[int, float]]:
+        """Refit every member's E0s to its training frames (the latest ``max_frames`` of them).
+
+        Training with the paper's weights (energy 1, forces 1000) lets each member's energy drift
+        by a constant per atom that costs almost nothing in the loss; members then disagree on
+        energy by that drift, not by what they learned, and their energies can sit far from the
+        reference's. Continual learning outside a campaign's convergence (the on-the-fly
+        calculator) calls this after each round; it leaves forces untouched.
+        """
+        from aimspax_like.models.calibration import refit_atomic_energies
+
+        shifts = []
+        for k, train in enumerate(self.member_train):
+            frames = train if max_frames is None else train[-max_frames:]
+            shifts.append(refit_atomic_energies(self.ensemble, k, frames))
+        return shifts
+
     def committee_forces(self, structures: list[Atoms]) -> list[np.ndarray]:
         """One ``[n_members, n_atoms, 3]`` array per structure, from one batched prediction."""
         prediction = self.ensemble.predict(structures)

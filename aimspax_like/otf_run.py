@@ -48,7 +48,7 @@ from aimspax_like.context import RunPaths
 from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
 from aimspax_like.errors import CampaignInterrupted, ConfigError, LabelsKeepFailing, RunDirectoryError
 from aimspax_like.events import EventLog
-from aimspax_like.otf import OnTheFlyCalculator, ReferenceLabelError
+from aimspax_like.otf import REFIT_FRAMES, OnTheFlyCalculator, ReferenceLabelError
 from aimspax_like.run_lock import LOCK_NAME, RunLock
 from aimspax_like.state import load_checkpoint, save_checkpoint, unsafe_changes
 from aimspax_like.structures import atoms_from_arrays, atoms_to_arrays, read_structures
@@ -358,6 +358,7 @@ def _build(
     if checkpoint is None and not members and config.otf.start.epochs > 0:
         started = time.monotonic()
         committee.train_round(config.otf.start.epochs)
+        committee.refit_energies(REFIT_FRAMES)
         events.emit("otf_start_fit", frames=len(base), epochs=config.otf.start.epochs,
                     wall_s=time.monotonic() - started, valid_force_mae=committee.valid_force_mae())
     labelled = [f for f in frames if f.origin == "al"]

@@ -136,6 +136,27 @@ def test_a_high_threshold_labels_nothing_and_answers_with_the_committee(tmp_path
     assert calc.results["uncertainty_energy"] == pytest.approx(float(np.std(energies)))
 
 
+def test_label_now_asks_the_reference_at_a_trusted_geometry_and_learns_it(tmp_path: Path) -> None:
+    """An optimiser's minimum found on committee forces, checked once by the reference."""
+    store = DatasetStore.create(tmp_path / "otf.h5")
+    calc = _calculator(tmp_path, threshold=1e6, store=store)
+    atoms = tiny_cluster()
+    atoms.calc = calc
+    trusted = atoms.get_forces().copy()
+    assert calc.n_labels == 0 and not calc.results["labelled"]
+    results = calc.label_now(atoms)
+    reference = atoms.copy()
+    reference.calc = EMT()
+    assert results["labelled"] and calc.n_labels == 1
+    np.testing.assert_array_equal(results["forces"], reference.get_forces())
+    np.testing.assert_array_equal(atoms.get_forces(), reference.get_forces())  # the cache holds the label
+    assert not np.allclose(trusted, reference.get_forces(), atol=1e-3)
+    assert [f.md_step for f in store.frames(origin=OTF_ORIGIN)] == [calc.labelled_steps[0]]
+    atoms.positions[0, 0] += 0.01
+    atoms.get_forces()
+    assert not calc.results["labelled"], "label_now asks once; the next call is the trigger's again"
+
+
 def test_an_optimiser_runs_unchanged(tmp_path: Path) -> None:
     calc = _calculator(tmp_path, threshold=0.05, epochs=1, valid_ratio=0.0)
     atoms = tiny_cluster()
