@@ -290,7 +290,8 @@ class OnTheFlyCalculator(Calculator):
         self.reset()  # the same geometry must not be answered from the cache
         self._label_next = True
         self.calculate(atoms, ["energy", "forces"], all_changes)
-        return dict(self.results)
+        # Copies: the arrays in ``results`` are what later get_forces() calls hand out.
+        return {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in self.results.items()}
 
     # ------------------------------------------------------------------ bookkeeping
 
