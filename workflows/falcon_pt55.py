@@ -1,0 +1,179 @@
+"""FALCON's Pt55 example with the engine: on-the-fly MD of an icosahedral Pt55 cluster at 600 K.
+
+The FALCON paper runs MD of an icosahedral Pt55 cluster with ASE's EMT as the reference, 600 K,
+1 fs, and a GPR model trained on energies that calls EMT whenever its predicted energy
+uncertainty exceeds an accuracy threshold epsilon (0.125 eV: 53 EMT calls in the first 1000
+steps, 153 in the first 120,000), and sweeps epsilon from 0.05 to 0.20 eV.
+
+This study runs the same MD with ``aimspax-like otf`` (``configs/otf_pt55.yaml``): a MACE
+committee started from frames of an EMT relaxation (FALCON's start), FALCON's trigger (the
+spread of the members' total energies, in eV) at each epsilon, one run directory per epsilon.
+It prints, per epsilon:
+
+- labels (EMT calls) in the first 1000 and 10000 MD steps and in all;
+- the errors of the trajectory the committee drove, on frames it answered alone (every
+  ``otf.write_every``-th step, up to ``otf.validate_frames`` of them), recomputed with EMT:
+  energy RMSE (eV and meV/atom), and the largest atomic force error;
+- the wall time split into model (committee predictions), training and reference, and the
+  MD loop's total.
+
+Runs that finished are read, not rerun, and a killed one resumes, so an interrupted study
+continues where it stopped::
+
+    .venv/bin/python workflows/falcon_pt55.py                           # 3 epsilons x 10000 steps
+    .venv/bin/python workflows/falcon_pt55.py --steps 2000 --epsilons 0.1 --out runs/pt55_quick
+    .venv/bin/python workflows/falcon_pt55.py --set model.channels=16   # any config key
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aimspax_like.config import dotted_settings, merge_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "configs" / "otf_pt55.yaml"
+FALCON = {"epsilon_eV": 0.125, "labels_first_1000": 53, "labels_first_120000": 153}
+
+
+def run_config(base: Path, epsilon: float, steps: int, out: Path, settings: Sequence[str] = ()) -> Path:
+    """The config of one epsilon: ``base`` with absolute structure paths, the trigger and step
+    count set, and the ``KEY=VALUE`` settings (dotted keys, YAML values) applied last."""
+    config = yaml.safe_load(base.read_text())
+    structures = config["system"]["structures"]
+    items = structures if isinstance(structures, list) else [structures]
+    config["system"]["structures"] = [str((base.parent / s).resolve()) if not Path(s).is_absolute() else s
+                                      for s in items]
+    otf = config.setdefault("otf", {})
+    otf["steps"] = steps
+    otf["trigger"] = {**otf.get("trigger", {}), "measure": "energy", "energy_per_atom": False,
+                      "threshold": float(epsilon)}
+    config = merge_settings(config, dotted_settings(settings))
+    config.setdefault("output", {})["directory"] = str(out / run_name(epsilon))
+    path = out / f"{run_name(epsilon)}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_name(epsilon: float) -> str:
+    return f"eps_{epsilon:.3f}"
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    report = run_dir / "report" / "otf.json"
+    if not report.is_file():
+        return False
+    summary = json.loads(report.read_text())
+    return bool(summary.get("finished")) and summary.get("steps") == steps
+
+
+def launch(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    """``aimspax-like otf`` (or its resume, when a killed run left a checkpoint) in its own process."""
+    resume = ["--resume"] if (run_dir / "state" / "otf_checkpoint.pt").is_file() else ["--overwrite"]
+    command = [sys.executable, "-m", "aimspax_like.cli", "otf", str(config), "--quiet", *resume]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def results_of(run_dir: Path) -> dict[str, Any]:
+    """The numbers of the table, from one run's ``report/otf.json``."""
+    summary = json.loads((run_dir / "report" / "otf.json").read_text())
+    labels = summary["labels"]["cumulative"]
+    check = summary["check"]
+    t = summary["timings"]
+    return {
+        "epsilon": summary["trigger"]["threshold"], "steps": summary["steps"], "start_frames": summary["start_frames"],
+        "labels_1k": labels.get("1000"), "labels_10k": labels.get("10000"), "labels": labels["total"],
+        "per_1000": summary["labels"]["per_1000_steps"], "check_frames": check.get("frames", 0),
+        "energy_rmse_eV": check.get("energy_rmse_eV"), "energy_rmse_meV_atom": check.get("energy_rmse_meV_per_atom"),
+        "force_mae": check.get("force_mae_eV_A"), "max_force_error": check.get("max_force_error_eV_A"),
+        "model_s": t.get("model_s", 0.0), "training_s": t.get("training_s", 0.0),
+        "reference_s": t.get("reference_s", 0.0), "md_loop_s": summary.get("elapsed_s", 0.0),
+        "at_labels": summary.get("at_labels", {}),
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("epsilon (eV) | labels 1k | labels 10k | labels | energy RMSE (eV) | (meV/atom) | force MAE (eV/A) | "
+            "max force err (eV/A) | model (s) | training (s) | reference (s) | MD loop (s)")
+    lines = [head, " | ".join("---" for _ in head.split("|"))]
+    for r in rows:
+        lines.append(" | ".join([
+            f"{r['epsilon']:.3f}", _fmt(r["labels_1k"], "d"), _fmt(r["labels_10k"], "d"), f"{r['labels']}",
+            _fmt(r["energy_rmse_eV"], ".3f"), _fmt(r["energy_rmse_meV_atom"], ".2f"), _fmt(r["force_mae"], ".3f"),
+            _fmt(r["max_force_error"], ".2f"), f"{r['model_s']:.0f}", f"{r['training_s']:.0f}",
+            f"{r['reference_s']:.1f}", f"{r['md_loop_s']:.0f}"]))
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def comparison(rows: list[dict[str, Any]]) -> str:
+    """FALCON's published counts beside ours at the nearest epsilons."""
+    out = [f"FALCON (GPR on energies, epsilon {FALCON['epsilon_eV']} eV): {FALCON['labels_first_1000']} EMT calls "
+           f"in the first 1000 steps, {FALCON['labels_first_120000']} in the first 120,000."]
+    for r in rows:
+        out.append(f"engine, epsilon {r['epsilon']:.3f} eV: {_fmt(r['labels_1k'], 'd')} labels in the first 1000 "
+                   f"steps, {r['labels']} in {r['steps']} (plus {r['start_frames']} start frames); labels per "
+                   f"1000 steps: {', '.join(str(n) for n in r['per_1000'])}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.10, 0.20],
+                        help="energy thresholds in eV (default: 0.05 0.10 0.20)")
+    parser.add_argument("--steps", type=int, default=10000, help="MD steps per run (default: 10000)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (default: 2, one per core)")
+    parser.add_argument("--config", type=Path, default=BASE, help="base config (default: configs/otf_pt55.yaml)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "falcon_pt55")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config setting for every run, dotted key and YAML value (repeatable)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    queue = []
+    for epsilon in args.epsilons:
+        config = run_config(args.config, epsilon, args.steps, args.out, args.set)
+        run_dir = args.out / run_name(epsilon)
+        if not finished(run_dir, args.steps):
+            queue.append((epsilon, config, run_dir))
+    running: list[tuple[float, subprocess.Popen]] = []
+    failed = []
+    while queue or running:
+        while queue and len(running) < max(1, args.parallel):
+            epsilon, config, run_dir = queue.pop(0)
+            print(f"[{time.monotonic() - started:6.0f} s] start epsilon {epsilon:.3f} eV -> {run_dir}", flush=True)
+            running.append((epsilon, launch(config, run_dir, args.out / f"{run_name(epsilon)}.log")))
+        time.sleep(2)
+        for item in list(running):
+            epsilon, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see the log)"
+                print(f"[{time.monotonic() - started:6.0f} s] epsilon {epsilon:.3f} eV {state}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(epsilon)
+    rows = [results_of(args.out / run_name(e)) for e in args.epsilons if e not in failed]
+    text = (f"Pt55 (icosahedron, 55 atoms), EMT reference, 600 K, 1 fs, {args.steps} MD steps per run; "
+            f"study wall time {time.monotonic() - started:.0f} s\n\n{table(rows)}\n\n{comparison(rows)}\n")
+    print("\n" + text)
+    (args.out / "table.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
