@@ -653,6 +653,17 @@ class OTFTriggerConfig(_Strict):
     min_train: int = Field(
         0, ge=0, description="Label every step while the committee holds fewer training frames than this.",
     )
+    calibrate: bool = Field(
+        False, description="Scale the uncertainty by the committee's measured error/uncertainty ratio at its "
+        "latest labels (median, at least 1), so a fixed threshold bounds the expected error rather than the "
+        "members' disagreement.",
+    )
+
+    @model_validator(mode="after")
+    def _calibrate_needs_a_fixed_threshold(self) -> OTFTriggerConfig:
+        if self.calibrate and self.threshold == "moving_average":
+            raise ValueError("calibrate needs a fixed threshold")
+        return self
 
     @field_validator("threshold", mode="before")
     @classmethod

@@ -110,6 +110,8 @@ class OnTheFlyCalculator(Calculator):
         window: int = 400,
         c_x: float = 0.0,
         warmup: int = 10,
+        calibrate: bool = False,
+        calibration_window: int = 25,
     ) -> None:
         super().__init__()
         if measure not in MEASURES:
@@ -120,6 +122,8 @@ class OnTheFlyCalculator(Calculator):
             raise ValueError(f"valid_ratio must lie in [0, 1), got {valid_ratio}")
         if log_every < 1:
             raise ValueError("log_every must be at least 1")
+        if calibrate and isinstance(threshold, (str, MovingAverageThreshold)):
+            raise ValueError("calibrate needs a fixed threshold (a moving average is relative already)")
         self.moving: MovingAverageThreshold | None = None
         self.fixed_threshold: float | None = None
         if isinstance(threshold, MovingAverageThreshold):
@@ -156,8 +160,11 @@ class OnTheFlyCalculator(Calculator):
         self.n_calls = 0
         self.n_labels = 0
         self.labelled_steps: list[int] = []
-        self._guess: tuple[float, np.ndarray] = (float("nan"), np.zeros((0, 3)))
+        self._guess: tuple[float, np.ndarray, float] = (float("nan"), np.zeros((0, 3)), float("nan"))
         self._label_next = False
+        self.calibrate = bool(calibrate)
+        self.calibration_window = int(calibration_window)
+        self.ratios: list[float] = []  # true error / uncertainty at computed labels (calibrate)
         # Wall and CPU seconds of the three costs an on-the-fly run weighs against each other.
         self.timings: dict[str, float] = {f"{part}_{kind}": 0.0 for part in TIMED for kind in ("s", "cpu_s")}
         # Labels stored by an earlier process of a resumed run, by call number: a call that
@@ -252,7 +259,9 @@ class OnTheFlyCalculator(Calculator):
         u_energy = float(np.std(member_energies))
         if self.energy_per_atom:
             u_energy /= len(atoms)
-        measured = u_forces if self.measure == "forces" else u_energy
+        raw = u_forces if self.measure == "forces" else u_energy
+        factor = self.calibration
+        measured = raw * factor
         threshold = self.threshold
         untrained = len(self.committee.all_train) < self.min_train
         asked, self._label_next = self._label_next, False
@@ -260,8 +269,8 @@ class OnTheFlyCalculator(Calculator):
 
         results: dict[str, Any]
         if labelled:
-            self._guess = (float(member_energies.mean()), member_forces.mean(axis=0))
-            results = self._label(atoms, step, measured, want_stress)
+            self._guess = (float(member_energies.mean()), member_forces.mean(axis=0), raw)
+            results = self._label(atoms, step, raw, want_stress)
         else:
             energy = float(member_energies.mean())
             results = {"energy": energy, "free_energy": energy, "forces": member_forces.mean(axis=0)}
@@ -272,12 +281,29 @@ class OnTheFlyCalculator(Calculator):
             if self.moving is not None:
                 self.moving.update(measured)  # only trusted steps feed Eq. 2, as in the scheduler
         results.update(uncertainty_energy=u_energy, uncertainty_forces=u_forces,
-                       threshold=threshold, labelled=labelled)
+                       threshold=threshold, labelled=labelled, calibration=factor)
         self.results = results
         if self.events is not None and (labelled or step % self.log_every == 0):
             self.events.emit("otf_step", step=step, uncertainty_energy=u_energy, uncertainty_forces=u_forces,
-                             measure=self.measure, threshold=threshold, labelled=labelled,
+                             measure=self.measure, threshold=threshold, labelled=labelled, calibration=factor,
                              reason="min_train" if untrained else "asked" if asked else None)
+
+    @property
+    def calibration(self) -> float:
+        """The factor the measured uncertainty is multiplied by before the trigger compares it.
+
+        1 unless ``calibrate``. With it: the median, over the latest ``calibration_window``
+        computed labels, of the committee's true error there (before training on the label) over
+        its uncertainty, on the trigger's measure (forces: the largest atomic error norm over
+        sqrt(3), Eq. 1's scale), and never below 1. A committee whose members agree more than
+        their errors warrant (usual when they share their training data) then labels where its
+        *error*, not its disagreement, is expected to exceed the threshold. Three labels are
+        needed before it acts.
+        """
+        recent = self.ratios[-self.calibration_window:]
+        if not self.calibrate or len(recent) < 3:
+            return 1.0
+        return max(1.0, float(np.median(recent)))
 
     def label_now(self, atoms: Atoms) -> dict[str, Any]:
         """Have the reference label ``atoms`` now, whatever the uncertainty; returns the results.
@@ -311,6 +337,7 @@ class OnTheFlyCalculator(Calculator):
             "n_calls": self.n_calls, "n_labels": self.n_labels, "labelled_steps": list(self.labelled_steps),
             "moving": None if self.moving is None else self.moving.state_dict(),
             "splits": None if self.splits is None else self.splits.k, "timings": dict(self.timings),
+            "ratios": list(self.ratios),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,6 +348,7 @@ class OnTheFlyCalculator(Calculator):
         if self.moving is not None and state["moving"] is not None:
             self.moving = MovingAverageThreshold.from_state_dict(state["moving"])
         self.timings.update(state["timings"])
+        self.ratios = [float(r) for r in state.get("ratios", [])]
 
     # ------------------------------------------------------------------ labelling
 
@@ -381,18 +409,23 @@ class OnTheFlyCalculator(Calculator):
         )
         if want_stress and outcome.stress is None:
             raise ReferenceLabelError(f"reference ({spec.get('kind')}) returned no stress at call {step}")
+        guess_energy, guess_forces, raw = self._guess
+        error_forces = float(np.linalg.norm(guess_forces - outcome.forces, axis=1).max())
+        error_energy = abs(guess_energy - float(outcome.energy))
+        if raw > 0:
+            on_measure = error_forces / np.sqrt(3.0) if self.measure == "forces" else (
+                error_energy / len(atoms) if self.energy_per_atom else error_energy)
+            self.ratios.append(float(on_measure / raw))
         # Durable before anything learns from it: a kill from here on loses no label.
         index = self.store.append(frame) if self.store is not None else None
         if index is not None:
             self.stored_labels[step] = index
         if self.events is not None:
-            guess_energy, guess_forces = self._guess
             # What the committee would have answered: its true error where it was unsure, the
             # evidence for (or against) trusting its uncertainty elsewhere.
             self.events.emit("otf_label", step=step, split=split, index=index, uncertainty=measured,
                              label_wall_s=outcome.wall_s, reused=False,
-                             error_energy=abs(guess_energy - float(outcome.energy)),
-                             error_forces=float(np.linalg.norm(guess_forces - outcome.forces, axis=1).max()))
+                             error_energy=error_energy, error_forces=error_forces)
         return self._learn(step, outcome.energy, outcome.forces, outcome.stress if want_stress else None,
                            want_stress, new_frame=frame)
 

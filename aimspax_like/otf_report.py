@@ -99,6 +99,7 @@ def errors(pairs: list[tuple[Atoms, LabelledFrame]]) -> dict[str, Any]:
     return {
         "frames": len(pairs),
         "energy_rmse_eV": float(np.sqrt(np.mean(de**2))),
+        "energy_bias_eV": float(np.mean(de)),
         "energy_rmse_meV_per_atom": float(1000 * np.sqrt(np.mean((de / n_atoms) ** 2))),
         "energy_max_error_eV": float(np.abs(de).max()),
         "force_mae_eV_A": float(np.abs(df).mean()),

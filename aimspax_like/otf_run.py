@@ -369,7 +369,8 @@ def _build(
         energy_per_atom=trigger.energy_per_atom, epochs=config.otf.epochs_per_label,
         valid_ratio=config.otf.valid_ratio, events=events, min_train=trigger.min_train,
         log_every=config.otf.log_every, compute_stress=needs_stress(config) or config.reference.compute_stress,
-        trajectory=0, scratch=paths.labels, window=trigger.window, c_x=trigger.c_x, warmup=trigger.warmup)
+        trajectory=0, scratch=paths.labels, window=trigger.window, c_x=trigger.c_x, warmup=trigger.warmup,
+        calibrate=trigger.calibrate)
     atoms = start.copy()
     rng = np.random.default_rng(config.seed)
     md = config.otf.md.model_copy(update={"temperature_K": config.otf.temperature_at(0)})

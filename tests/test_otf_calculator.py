@@ -225,6 +225,31 @@ def test_moving_average_labels_nothing_during_warm_up_then_labels_above_the_mean
     assert calc.moving is not None and calc.moving.n_seen == calc.n_calls - calc.n_labels
 
 
+def test_calibrate_scales_the_uncertainty_by_the_error_ratio_measured_at_labels(
+        tmp_path: Path, events: EventLog) -> None:
+    """With ``calibrate`` the trigger compares uncertainty x (median true error / uncertainty of
+    the latest labels, at least 1); each label's ratio is its logged error over its uncertainty."""
+    calc = _calculator(tmp_path, threshold=0.15, calibrate=True, epochs=1, events=events, log_every=1)
+    atoms = tiny_cluster()
+    atoms.calc = calc
+    md = Langevin(atoms, 2 * units.fs, temperature_K=800, friction=0.02, fixcm=False, rng=np.random.default_rng(4))
+    md.run(40)
+    events.close()
+    log = read_events(tmp_path / "events.jsonl")
+    labels = [e for e in log if e["event"] == "otf_label"]
+    assert len(labels) >= 4 and len(calc.ratios) == len(labels)
+    for label, ratio in zip(labels, calc.ratios, strict=True):
+        assert ratio == pytest.approx(label["error_forces"] / np.sqrt(3) / label["uncertainty"])
+    assert calc.calibration == pytest.approx(max(1.0, float(np.median(calc.ratios[-25:]))))
+    factors = []
+    for e in (e for e in log if e["event"] == "otf_step"):
+        factors.append(e["calibration"])
+        assert e["labelled"] == (e["uncertainty_forces"] * e["calibration"] > 0.15)
+    assert factors[0] == 1.0 and max(factors) > 1.0, "this committee is overconfident: the factor must act"
+    with pytest.raises(ValueError, match="fixed threshold"):
+        OnTheFlyCalculator(calc.committee, {"kind": "emt"}, threshold="moving_average", calibrate=True)
+
+
 def test_a_failed_reference_raises_and_stores_nothing(tmp_path: Path) -> None:
     store = DatasetStore.create(tmp_path / "otf.h5")
     calc = _calculator(tmp_path, store=store, min_train=100)

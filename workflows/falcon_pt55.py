@@ -46,7 +46,8 @@ BASE = ROOT / "configs" / "otf_pt55.yaml"
 FALCON = {"epsilon_eV": 0.125, "labels_first_1000": 53, "labels_first_120000": 153}
 
 
-def run_config(base: Path, epsilon: float, steps: int, out: Path, settings: Sequence[str] = ()) -> Path:
+def run_config(base: Path, epsilon: float, steps: int, out: Path, settings: Sequence[str] = (),
+               calibrate: bool = False) -> Path:
     """The config of one epsilon: ``base`` with absolute structure paths, the trigger and step
     count set, and the ``KEY=VALUE`` settings (dotted keys, YAML values) applied last."""
     config = yaml.safe_load(base.read_text())
@@ -57,16 +58,16 @@ def run_config(base: Path, epsilon: float, steps: int, out: Path, settings: Sequ
     otf = config.setdefault("otf", {})
     otf["steps"] = steps
     otf["trigger"] = {**otf.get("trigger", {}), "measure": "energy", "energy_per_atom": False,
-                      "threshold": float(epsilon)}
+                      "threshold": float(epsilon), "calibrate": calibrate}
     config = merge_settings(config, dotted_settings(settings))
-    config.setdefault("output", {})["directory"] = str(out / run_name(epsilon))
-    path = out / f"{run_name(epsilon)}.yaml"
+    config.setdefault("output", {})["directory"] = str(out / run_name(epsilon, calibrate))
+    path = out / f"{run_name(epsilon, calibrate)}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def run_name(epsilon: float) -> str:
-    return f"eps_{epsilon:.3f}"
+def run_name(epsilon: float, calibrate: bool = False) -> str:
+    return f"eps_{epsilon:.3f}" + ("_calibrated" if calibrate else "")
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -92,10 +93,12 @@ def results_of(run_dir: Path) -> dict[str, Any]:
     check = summary["check"]
     t = summary["timings"]
     return {
-        "epsilon": summary["trigger"]["threshold"], "steps": summary["steps"], "start_frames": summary["start_frames"],
+        "epsilon": summary["trigger"]["threshold"], "calibrated": summary["trigger"].get("calibrate", False),
+        "steps": summary["steps"], "start_frames": summary["start_frames"],
         "labels_1k": labels.get("1000"), "labels_10k": labels.get("10000"), "labels": labels["total"],
         "per_1000": summary["labels"]["per_1000_steps"], "check_frames": check.get("frames", 0),
         "energy_rmse_eV": check.get("energy_rmse_eV"), "energy_rmse_meV_atom": check.get("energy_rmse_meV_per_atom"),
+        "energy_bias_eV": check.get("energy_bias_eV"),
         "force_mae": check.get("force_mae_eV_A"), "max_force_error": check.get("max_force_error_eV_A"),
         "model_s": t.get("model_s", 0.0), "training_s": t.get("training_s", 0.0),
         "reference_s": t.get("reference_s", 0.0), "md_loop_s": summary.get("elapsed_s", 0.0),
@@ -108,13 +111,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("epsilon (eV) | labels 1k | labels 10k | labels | energy RMSE (eV) | (meV/atom) | force MAE (eV/A) | "
-            "max force err (eV/A) | model (s) | training (s) | reference (s) | MD loop (s)")
+    head = ("epsilon (eV) | calibrated | labels 1k | labels 10k | labels | energy RMSE (eV) | (meV/atom) | energy bias (eV) | "
+            "force MAE (eV/A) | max force err (eV/A) | model (s) | training (s) | reference (s) | MD loop (s)")
     lines = [head, " | ".join("---" for _ in head.split("|"))]
     for r in rows:
         lines.append(" | ".join([
-            f"{r['epsilon']:.3f}", _fmt(r["labels_1k"], "d"), _fmt(r["labels_10k"], "d"), f"{r['labels']}",
-            _fmt(r["energy_rmse_eV"], ".3f"), _fmt(r["energy_rmse_meV_atom"], ".2f"), _fmt(r["force_mae"], ".3f"),
+            f"{r['epsilon']:.3f}", "yes" if r["calibrated"] else "no", _fmt(r["labels_1k"], "d"), _fmt(r["labels_10k"], "d"), f"{r['labels']}",
+            _fmt(r["energy_rmse_eV"], ".3f"), _fmt(r["energy_rmse_meV_atom"], ".2f"), _fmt(r["energy_bias_eV"], "+.3f"),
+            _fmt(r["force_mae"], ".3f"),
             _fmt(r["max_force_error"], ".2f"), f"{r['model_s']:.0f}", f"{r['training_s']:.0f}",
             f"{r['reference_s']:.1f}", f"{r['md_loop_s']:.0f}"]))
     return "\n".join("| " + line + " |" for line in lines)
@@ -125,7 +129,7 @@ def comparison(rows: list[dict[str, Any]]) -> str:
     out = [f"FALCON (GPR on energies, epsilon {FALCON['epsilon_eV']} eV): {FALCON['labels_first_1000']} EMT calls "
            f"in the first 1000 steps, {FALCON['labels_first_120000']} in the first 120,000."]
     for r in rows:
-        out.append(f"engine, epsilon {r['epsilon']:.3f} eV: {_fmt(r['labels_1k'], 'd')} labels in the first 1000 "
+        out.append(f"engine, epsilon {r['epsilon']:.3f} eV{' calibrated' if r['calibrated'] else ''}: {_fmt(r['labels_1k'], 'd')} labels in the first 1000 "
                    f"steps, {r['labels']} in {r['steps']} (plus {r['start_frames']} start frames); labels per "
                    f"1000 steps: {', '.join(str(n) for n in r['per_1000'])}")
     return "\n".join(out)
@@ -139,34 +143,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default: 2, one per core)")
     parser.add_argument("--config", type=Path, default=BASE, help="base config (default: configs/otf_pt55.yaml)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "falcon_pt55")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also run each epsilon with otf.trigger.calibrate (error-calibrated spread)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config setting for every run, dotted key and YAML value (repeatable)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    # The smallest epsilon labels most and runs longest: it starts first, the others share the
+    # second slot from the cheapest up.
+    order = sorted(args.epsilons)
+    order = order[:1] + sorted(order[1:], reverse=True)
+    runs = [(e, False) for e in order] + ([(e, True) for e in order] if args.calibrate else [])
     queue = []
-    for epsilon in args.epsilons:
-        config = run_config(args.config, epsilon, args.steps, args.out, args.set)
-        run_dir = args.out / run_name(epsilon)
+    for epsilon, calibrate in runs:
+        config = run_config(args.config, epsilon, args.steps, args.out, args.set, calibrate)
+        run_dir = args.out / run_name(epsilon, calibrate)
         if not finished(run_dir, args.steps):
-            queue.append((epsilon, config, run_dir))
-    running: list[tuple[float, subprocess.Popen]] = []
+            queue.append((run_name(epsilon, calibrate), config, run_dir))
+    running: list[tuple[str, subprocess.Popen]] = []
     failed = []
     while queue or running:
         while queue and len(running) < max(1, args.parallel):
-            epsilon, config, run_dir = queue.pop(0)
-            print(f"[{time.monotonic() - started:6.0f} s] start epsilon {epsilon:.3f} eV -> {run_dir}", flush=True)
-            running.append((epsilon, launch(config, run_dir, args.out / f"{run_name(epsilon)}.log")))
+            name, config, run_dir = queue.pop(0)
+            print(f"[{time.monotonic() - started:6.0f} s] start {name} -> {run_dir}", flush=True)
+            running.append((name, launch(config, run_dir, args.out / f"{name}.log")))
         time.sleep(2)
         for item in list(running):
-            epsilon, proc = item
+            name, proc = item
             if proc.poll() is not None:
                 running.remove(item)
                 state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see the log)"
-                print(f"[{time.monotonic() - started:6.0f} s] epsilon {epsilon:.3f} eV {state}", flush=True)
+                print(f"[{time.monotonic() - started:6.0f} s] {name} {state}", flush=True)
                 if proc.returncode != 0:
-                    failed.append(epsilon)
-    rows = [results_of(args.out / run_name(e)) for e in args.epsilons if e not in failed]
+                    failed.append(name)
+    names = [run_name(e, c) for c in ((False, True) if args.calibrate else (False,)) for e in sorted(args.epsilons)]
+    rows = [results_of(args.out / name) for name in names if name not in failed]
     text = (f"Pt55 (icosahedron, 55 atoms), EMT reference, 600 K, 1 fs, {args.steps} MD steps per run; "
             f"study wall time {time.monotonic() - started:.0f} s\n\n{table(rows)}\n\n{comparison(rows)}\n")
     print("\n" + text)
