@@ -111,12 +111,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("epsilon (eV) | calibrated | labels 1k | labels 10k | labels | energy RMSE (eV) | (meV/atom) | energy bias (eV) | "
-            "force MAE (eV/A) | max force err (eV/A) | model (s) | training (s) | reference (s) | MD loop (s)")
+    head = ("epsilon (eV) | calibrated | labels 1k | labels 10k | labels | energy RMSE (eV) | (meV/atom) | "
+            "energy bias (eV) | force MAE (eV/A) | max force err (eV/A) | model (s) | training (s) | reference (s) | "
+            "MD loop (s)")
     lines = [head, " | ".join("---" for _ in head.split("|"))]
     for r in rows:
         lines.append(" | ".join([
-            f"{r['epsilon']:.3f}", "yes" if r["calibrated"] else "no", _fmt(r["labels_1k"], "d"), _fmt(r["labels_10k"], "d"), f"{r['labels']}",
+            f"{r['epsilon']:.3f}", "yes" if r["calibrated"] else "no", _fmt(r["labels_1k"], "d"),
+            _fmt(r["labels_10k"], "d"), f"{r['labels']}",
             _fmt(r["energy_rmse_eV"], ".3f"), _fmt(r["energy_rmse_meV_atom"], ".2f"), _fmt(r["energy_bias_eV"], "+.3f"),
             _fmt(r["force_mae"], ".3f"),
             _fmt(r["max_force_error"], ".2f"), f"{r['model_s']:.0f}", f"{r['training_s']:.0f}",
@@ -129,7 +131,8 @@ def comparison(rows: list[dict[str, Any]]) -> str:
     out = [f"FALCON (GPR on energies, epsilon {FALCON['epsilon_eV']} eV): {FALCON['labels_first_1000']} EMT calls "
            f"in the first 1000 steps, {FALCON['labels_first_120000']} in the first 120,000."]
     for r in rows:
-        out.append(f"engine, epsilon {r['epsilon']:.3f} eV{' calibrated' if r['calibrated'] else ''}: {_fmt(r['labels_1k'], 'd')} labels in the first 1000 "
+        kind = " calibrated" if r["calibrated"] else ""
+        out.append(f"engine, epsilon {r['epsilon']:.3f} eV{kind}: {_fmt(r['labels_1k'], 'd')} labels in the first 1000 "
                    f"steps, {r['labels']} in {r['steps']} (plus {r['start_frames']} start frames); labels per "
                    f"1000 steps: {', '.join(str(n) for n in r['per_1000'])}")
     return "\n".join(out)
