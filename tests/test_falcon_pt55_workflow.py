@@ -42,6 +42,9 @@ def test_a_short_sweep_runs_the_engine_and_prints_the_table(tmp_path, capsys) ->
     assert tight["steps"] == loose["steps"] == 30
     assert loose["check_frames"] == 2 and loose["energy_rmse_eV"] is not None
     assert tight["training_s"] > 0 or tight["labels"] == 0
+    reference = json.loads((tmp_path / "reference_md_30.json").read_text())
+    assert reference["steps"] == 30 and 20.0 < reference["energy_second_half_eV"] < 40.0  # Pt55 under EMT
+    assert "EMT-only MD of the same start" in out
     # Finished runs are read, not rerun.
     before = (tmp_path / "eps_0.020" / "report" / "otf.json").stat().st_mtime_ns
     assert study.main(argv) == 0
