@@ -23,6 +23,7 @@ continues where it stopped::
     .venv/bin/python workflows/falcon_pt55.py                           # 3 epsilons x 10000 steps
     .venv/bin/python workflows/falcon_pt55.py --steps 2000 --epsilons 0.1 --out runs/pt55_quick
     .venv/bin/python workflows/falcon_pt55.py --set model.channels=16   # any config key
+    .venv/bin/python workflows/falcon_pt55.py --calibrate 0.2           # also 0.2 eV, calibrated
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default: 2, one per core)")
     parser.add_argument("--config", type=Path, default=BASE, help="base config (default: configs/otf_pt55.yaml)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "falcon_pt55")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="also run each epsilon with otf.trigger.calibrate (error-calibrated spread)")
+    parser.add_argument("--calibrate", type=float, nargs="*", metavar="EPS",
+                        help="also run these epsilons (all when none is given) with otf.trigger.calibrate "
+                             "(the spread scaled by the error/spread ratio measured at the labels)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config setting for every run, dotted key and YAML value (repeatable)")
     args = parser.parse_args(argv)
@@ -203,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # second slot from the cheapest up.
     order = sorted(args.epsilons)
     order = order[:1] + sorted(order[1:], reverse=True)
-    runs = [(e, False) for e in order] + ([(e, True) for e in order] if args.calibrate else [])
+    calibrated = [] if args.calibrate is None else sorted(args.calibrate or args.epsilons)
+    runs = [(e, False) for e in order] + [(e, True) for e in calibrated]
     queue = []
     for epsilon, calibrate in runs:
         config = run_config(args.config, epsilon, args.steps, args.out, args.set, calibrate)
@@ -226,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{time.monotonic() - started:6.0f} s] {name} {state}", flush=True)
                 if proc.returncode != 0:
                     failed.append(name)
-    names = [run_name(e, c) for c in ((False, True) if args.calibrate else (False,)) for e in sorted(args.epsilons)]
+    names = [run_name(e) for e in sorted(args.epsilons)] + [run_name(e, True) for e in calibrated]
     rows = [results_of(args.out / name) for name in names if name not in failed]
     reference = reference_md(args.out / f"{run_name(sorted(args.epsilons)[0])}.yaml", args.steps, args.out)
     sampled = (f"EMT-only MD of the same start ({args.steps} steps, same thermostat and seed): mean potential "
