@@ -16,6 +16,7 @@ set (both in ``aimspax_like.validation``).
 
 ``harvest TRAJ --model RUN_OR_FILES (--top K | --above X)`` writes the frames of an MD trajectory
 the committee disagrees on most (Eq. 1), decorrelated, as unlabelled extxyz (``aimspax_like.harvest``).
+``label FRAMES --config CONFIG`` labels such frames with the campaign's reference, for ``import_data``.
 
 ``resume RUN_DIR`` (or ``run CONFIG --resume``) continues a campaign from its checkpoint. While a
 campaign runs, SIGTERM (what SLURM sends before the walltime kill) or SIGINT saves the state and
@@ -124,6 +125,7 @@ COMMAND_MODULES = (
     "aimspax_like.convert",  # convert (an aims-PAX pair into a campaign YAML)
     "aimspax_like.recompute",  # recompute
     "aimspax_like.jobscripts",  # jobscripts (the driver's batch script and a label block's)
+    "aimspax_like.label_frames",  # label
 )
 
 
