@@ -13,8 +13,9 @@ folder per frame under a temporary directory, in-process or on ``--workers`` pro
 labelled frames are written as extended XYZ under the keys ``import_data`` reads by default
 (``REF_energy``, ``REF_forces``, ``REF_stress``), with ``label_source`` (``FRAMES#<index>``),
 ``label_wall_s``, the reference fingerprint in ``reference`` (what ``import_data`` reads with
-``reference: file``) and the harvest keys the frame had. Numbers are written with ``repr`` precision (not ASE's ``%16.8f``), so the file holds the
-very geometry that was labelled and the very numbers the reference returned.
+``reference: file``) and the harvest keys the frame had. Numbers are written with ``repr``
+precision (not ASE's ``%16.8f``), so the file holds the very geometry that was labelled and the
+very numbers the reference returned.
 
 A failed label is no error: the frame is left out and named on stderr. Every bad input (the
 file, the config, an element the reference cannot do, an existing output) is one line and exit
