@@ -224,6 +224,14 @@ def _otf(args: argparse.Namespace, config: Any = None) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """``status RUN``: the live display's picture of a run directory, from any shell."""
+    from aimspax_like.otf_run import is_otf_run
+
+    if is_otf_run(args.run_dir):
+        from aimspax_like.otf_report import otf_status, render_status
+
+        status = otf_status(args.run_dir)
+        print(json.dumps(status, indent=2, allow_nan=False) if args.json else render_status(status))
+        return 0
     from aimspax_like.analysis.status import status_of
     from aimspax_like.analysis.status_render import render, render_line
 
@@ -245,6 +253,15 @@ def _report(args: argparse.Namespace) -> int:
     Works on a finished, running or interrupted campaign; a folder that is not a run directory
     is a ``RunDirectoryError`` (one line, exit 2) before anything is written.
     """
+    from aimspax_like.otf_run import is_otf_run
+
+    if is_otf_run(args.run_dir):
+        from aimspax_like.otf_report import render_markdown, report_run
+
+        print(render_markdown(report_run(args.run_dir)))
+        for name in ("otf.md", "otf.json", "otf.png"):
+            print(args.run_dir / "report" / name)
+        return 0
     from aimspax_like.analysis.report import make_report
 
     report = make_report(args.run_dir)

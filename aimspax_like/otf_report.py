@@ -223,3 +223,49 @@ def _figure(path: Path, frames: list[Atoms], labelled: list[int], config: Campai
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def otf_status(root: Path) -> dict[str, Any]:
+    """Where an on-the-fly run directory stands, for ``aimspax-like status`` (read-only)."""
+    from aimspax_like.config import load_config
+    from aimspax_like.run_lock import driver_state
+
+    root = Path(root)
+    config = load_config(root / "campaign.yaml")
+    checkpoint_file = root / "state" / "otf_checkpoint.pt"
+    checkpoint = load_checkpoint(checkpoint_file) if checkpoint_file.is_file() else {}
+    dataset = root / "data" / "dataset.h5"
+    keys = DatasetStore.open(dataset).keys() if dataset.is_file() else []
+    driver = driver_state(root)
+    done = bool(checkpoint.get("done"))
+    state = "finished" if done else "running" if driver.get("alive") else "stopped" if checkpoint else "not started"
+    return {
+        "directory": str(root), "kind": "otf", "state": state, "driver": driver,
+        "step_checkpointed": int(checkpoint.get("step", 0)), "steps": config.otf.steps,
+        "labels_stored": sum(1 for origin, _, _ in keys if origin == OTF_ORIGIN),
+        "start_frames": sum(1 for origin, _, _ in keys if origin in ("idg", "import")),
+        "check_frames": sum(1 for origin, _, _ in keys if origin == CHECK_ORIGIN),
+        "timings": checkpoint.get("calculator", {}).get("timings", {}),
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    line = (f"on-the-fly run {status['directory']}: {status['state']}; MD step {status['step_checkpointed']} of "
+            f"{status['steps']} at the last checkpoint; {status['labels_stored']} labels stored "
+            f"(+{status['start_frames']} start frames, {status['check_frames']} check frames)")
+    if status["state"] == "running":
+        line += f"; driver pid {status['driver'].get('pid')} on {status['driver'].get('host')}"
+    return line
+
+
+def report_run(root: Path) -> dict[str, Any]:
+    """``aimspax-like report`` of an on-the-fly run: the report written again from the run
+    directory (check frames stored earlier are reused; a finished run's missing ones are computed)."""
+    from aimspax_like.config import load_config
+    from aimspax_like.otf_run import OTFPaths
+
+    paths = OTFPaths(Path(root))
+    config = load_config(paths.config)
+    config.output.directory = paths.root
+    checkpoint = load_checkpoint(paths.checkpoint) if paths.checkpoint.is_file() else {}
+    return make_otf_report(paths, config, DatasetStore.open(paths.dataset), None, done=bool(checkpoint.get("done")))

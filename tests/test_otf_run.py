@@ -110,6 +110,15 @@ def test_otf_run_labels_stores_learns_and_reports(tmp_path: Path, capsys) -> Non
     for frame in checks:
         assert not by_step[frame.md_step].info["labelled"]
 
+    # status and report know an on-the-fly run; the report reuses the stored check frames.
+    assert main(["status", str(run)]) == 0
+    assert "finished; MD step 120 of 120" in capsys.readouterr().out
+    assert main(["status", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels_stored"] == len(labels)
+    assert main(["report", str(run)]) == 0
+    assert "force MAE" in capsys.readouterr().out
+    assert len(DatasetStore.open(run / "data" / "dataset.h5").frames(origin="test")) == 5
+
     # Finished: running it again with --resume does nothing new.
     assert main(["otf", str(path), "--quiet", "--resume"]) == 0
     assert len(_otf_frames(run)) == len(labels)
