@@ -226,7 +226,7 @@ def _run_locked(
     events = EventLog(paths.events)
     try:
         checkpoint = load_checkpoint(paths.checkpoint) if paths.checkpoint.exists() else None
-        if checkpoint is not None and checkpoint.get("done"):
+        if checkpoint is not None and checkpoint.get("done") and checkpoint["step"] >= config.otf.steps:
             events.emit("otf_resume", step=checkpoint["step"], finished=True)
             return make_otf_report(paths, config, store, events, done=True)
         run = _build(config, paths, start, store, events, checkpoint)

@@ -51,6 +51,7 @@ SAFE_TO_CHANGE = (
     "idg.max_set_size", "idg.trajectories_per_structure", "idg.converge", "training.allow_mixed_references",
     "cluster", "output", "faults", "reference.timeout_s", "reference.keep_workdir", "reference.warm", "site",
     "converge.max_epochs", "converge.patience", "al.analysis_every", "training.batched_members", "al.rounds",
+    "otf.steps", "otf.write_every", "otf.checkpoint_every", "otf.log_every", "otf.validate_frames", "otf.max_failures",
 )
 
 

@@ -122,6 +122,17 @@ def test_otf_run_labels_stores_learns_and_reports(tmp_path: Path, capsys) -> Non
     # Finished: running it again with --resume does nothing new.
     assert main(["otf", str(path), "--quiet", "--resume"]) == 0
     assert len(_otf_frames(run)) == len(labels)
+    # A longer run continues from where it ended (otf.steps may change on resume; the trigger may not).
+    data = yaml.safe_load(path.read_text())
+    data["otf"]["steps"] = 150
+    path.write_text(yaml.safe_dump(data))
+    assert main(["otf", str(path), "--quiet", "--resume"]) == 0
+    assert json.loads((run / "report" / "otf.json").read_text())["steps"] == 150
+    steps = [a.info["step"] for a in read(run / "otf" / "trajectory.xyz", ":")]
+    assert steps == sorted(set(steps)) and steps[-1] == 150
+    data["otf"]["trigger"]["threshold"] = 0.5
+    path.write_text(yaml.safe_dump(data))
+    assert main(["otf", str(path), "--quiet", "--resume"]) == 2
 
 
 @pytest.mark.parametrize(("change", "key"), [
