@@ -147,7 +147,7 @@ def make_otf_report(paths: Any, config: CampaignConfig, store: DatasetStore, eve
     paths.report.mkdir(parents=True, exist_ok=True)
     write_atomic(paths.report / "otf.json", json.dumps(summary, indent=2, allow_nan=False).encode())
     write_atomic(paths.report / "otf.md", render_markdown(summary).encode())
-    _figure(paths.report / "otf.png", frames, labelled, config)
+    _figure(paths.report / "otf.png", frames, labelled, config, steps_done)
     if events is not None:
         events.emit("otf_report", labels=len(labelled), check=summary["check"])
     return summary
@@ -191,7 +191,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _figure(path: Path, frames: list[Atoms], labelled: list[int], config: CampaignConfig) -> None:
+def _figure(path: Path, frames: list[Atoms], labelled: list[int], config: CampaignConfig, steps_done: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +201,9 @@ def _figure(path: Path, frames: list[Atoms], labelled: list[int], config: Campai
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     steps = np.array([a.info["step"] for a in frames], dtype=float)
     ax = axes[0]
-    if labelled:
-        ax.step(np.concatenate([[0], labelled]), np.arange(len(labelled) + 1), where="post", color="C3")
+    if labelled:  # held flat from the last label to the last step
+        ax.step(np.concatenate([[0], labelled, [max(steps_done, labelled[-1])]]),
+                np.concatenate([np.arange(len(labelled) + 1), [len(labelled)]]), where="post", color="C3")
     ax.set_ylabel("labels (cumulative)")
     ax = axes[1]
     if frames:

@@ -29,7 +29,7 @@ def test_a_short_sweep_runs_the_engine_and_prints_the_table(tmp_path, capsys) ->
     on the same trajectory start (same seed, same start frames)."""
     settings = ["model.ensemble_size=2", "model.channels=4", "otf.start.frames=3", "otf.start.epochs=5",
                 "otf.validate_frames=2", "otf.write_every=5"]
-    argv = ["--steps", "30", "--epsilons", "0.02", "5.0", "--out", str(tmp_path), "--parallel", "2"]
+    argv = ["--steps", "30", "--epsilons", "0.02", "5.0", "--out", str(tmp_path), "--parallel", "2", "--plain-only"]
     for item in settings:
         argv += ["--set", item]
     assert study.main(argv) == 0

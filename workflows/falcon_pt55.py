@@ -20,10 +20,10 @@ It prints, per epsilon:
 Runs that finished are read, not rerun, and a killed one resumes, so an interrupted study
 continues where it stopped::
 
-    .venv/bin/python workflows/falcon_pt55.py                           # 3 epsilons x 10000 steps
+    .venv/bin/python workflows/falcon_pt55.py                           # 3 epsilons + 0.2 calibrated
     .venv/bin/python workflows/falcon_pt55.py --steps 2000 --epsilons 0.1 --out runs/pt55_quick
     .venv/bin/python workflows/falcon_pt55.py --set model.channels=16   # any config key
-    .venv/bin/python workflows/falcon_pt55.py --calibrate 0.2           # also 0.2 eV, calibrated
+    .venv/bin/python workflows/falcon_pt55.py --calibrate               # every epsilon calibrated too
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def launch(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
     resume = ["--resume"] if (run_dir / "state" / "otf_checkpoint.pt").is_file() else ["--overwrite"]
     command = [sys.executable, "-m", "aimspax_like.cli", "otf", str(config), "--quiet", *resume]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    with log.open("w") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def results_of(run_dir: Path) -> dict[str, Any]:
@@ -193,9 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default: 2, one per core)")
     parser.add_argument("--config", type=Path, default=BASE, help="base config (default: configs/otf_pt55.yaml)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "falcon_pt55")
-    parser.add_argument("--calibrate", type=float, nargs="*", metavar="EPS",
-                        help="also run these epsilons (all when none is given) with otf.trigger.calibrate "
-                             "(the spread scaled by the error/spread ratio measured at the labels)")
+    parser.add_argument("--calibrate", type=float, nargs="*", metavar="EPS", default=[0.2],
+                        help="also run these epsilons (all when none is given; default 0.2) with "
+                             "otf.trigger.calibrate (the spread scaled by the error/spread ratio measured at "
+                             "the labels)")
+    parser.add_argument("--plain-only", action="store_true", help="no calibrated runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config setting for every run, dotted key and YAML value (repeatable)")
     args = parser.parse_args(argv)
@@ -205,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # second slot from the cheapest up.
     order = sorted(args.epsilons)
     order = order[:1] + sorted(order[1:], reverse=True)
-    calibrated = [] if args.calibrate is None else sorted(args.calibrate or args.epsilons)
+    calibrated = [] if args.plain_only else sorted(args.calibrate or args.epsilons)
     runs = [(e, False) for e in order] + [(e, True) for e in calibrated]
     queue = []
     for epsilon, calibrate in runs:

@@ -56,7 +56,8 @@ def finished(run_dir: Path) -> bool:
 def launch(config: Path, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "aimspax_like.cli", "run", str(config), "--overwrite", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    with log.open("w") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def results_of(run_dir: Path) -> dict[str, Any]:
