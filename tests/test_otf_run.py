@@ -272,3 +272,29 @@ def test_label_stored_but_not_checkpointed_is_taken_from_the_dataset_on_resume(t
     computed = [e["step"] for e in events if e["event"] == "otf_label" and not e["reused"]]
     assert sorted(computed) == sorted(f.md_step for f in _otf_frames(run))
     assert len(computed) == len(set(computed))
+
+
+def test_npt_on_a_periodic_cell_labels_stress_and_moves_the_cell(tmp_path: Path) -> None:
+    """A barostat follows the calculator's stress: labels carry the reference's stress, the
+    committee is trained on it, and the cell volume changes."""
+    from ase.build import bulk
+
+    from aimspax_like.data import DatasetStore as Store
+
+    cell = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))  # 8 atoms, 3 % too large for EMT
+    cell.write(tmp_path / "cell.xyz")
+    path = otf_config(tmp_path, steps=60, validate_frames=2,
+                      md={"ensemble": "npt_berendsen", "temperature_K": 300, "taup_fs": 50,
+                          "compressibility_per_bar": 1e-5},
+                      start={"frames": 4, "source": "rattle", "rattle_A": 0.05, "epochs": 30})
+    data = yaml.safe_load(path.read_text())
+    data["system"]["structures"] = str(tmp_path / "cell.xyz")
+    data["training"] = {"batch_size": 4, "stress_weight": 100.0}
+    path.write_text(yaml.safe_dump(data))
+    assert main(["otf", str(path), "--quiet"]) == 0
+    run = tmp_path / "run"
+    store = Store.open(run / "data" / "dataset.h5")
+    frames = store.frames(origin="idg") + store.frames(origin="al")
+    assert frames and all(f.stress is not None and np.isfinite(f.stress).all() for f in frames)
+    volumes = [a.get_volume() for a in read(run / "otf" / "trajectory.xyz", ":")]
+    assert abs(volumes[-1] - volumes[0]) > 1e-3 * volumes[0], "the barostat never moved the cell"
