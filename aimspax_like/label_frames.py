@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aimspax_like.data.xyz import shareable
 from aimspax_like.errors import SetupError
 
 if TYPE_CHECKING:
@@ -272,9 +273,7 @@ def write_labelled(path: Path, images: Sequence[Atoms]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # a file for colleagues, not mkstemp's private 0600
+        shareable(fd)  # a file for colleagues, not mkstemp's private 0600
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for atoms in images:
                 fh.write(frame_text(atoms))

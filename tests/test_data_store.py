@@ -387,3 +387,24 @@ def test_non_finite_frames_are_refused(tmp_path: Path, field: str) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         LabelledFrame.from_atoms(Atoms("H", positions=[[0, 0, np.nan]]), energy=0.0, forces=np.zeros((1, 3)),
                                  split="train", origin="al")
+
+
+def test_atomic_writers_leave_files_readable_as_plain_open_would(tmp_path) -> None:
+    """mkstemp's private 0600 must not survive the rename: shared project folders need the
+    usual mode (0666 less the umask)."""
+    import stat
+
+    from ase.build import molecule
+
+    from aimspax_like.data.xyz import export_extxyz, write_images
+
+    umask = os.umask(0o022)
+    try:
+        images = write_images(tmp_path / "images.xyz", [molecule("H2O")])
+        frame = LabelledFrame.from_atoms(molecule("H2O"), energy=-1.0, forces=np.zeros((3, 3)), split="train",
+                                         origin="idg")
+        frames = export_extxyz([frame], tmp_path / "frames.xyz")
+    finally:
+        os.umask(umask)
+    for path in (images, frames):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -51,12 +51,22 @@ def _frame_text(frame: LabelledFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shareable(fd: int) -> None:
+    """Give a ``mkstemp`` file the mode a plain ``open`` would (0666 less the umask) before it is
+    renamed into place: mkstemp's private 0600 would survive the rename, and colleagues sharing
+    a project folder could not read the exports, harvests and reports."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def export_extxyz(frames: Iterable[LabelledFrame], path: str | os.PathLike[str]) -> Path:
     """Write frames atomically (temp file + ``os.replace``) so a reader never sees half a file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        shareable(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for frame in frames:
                 fh.write(_frame_text(frame))
@@ -88,6 +98,7 @@ def write_images(path: Path, images: Iterable[Atoms]) -> Path:
     """ASE images as extxyz through a temporary file renamed into place: no reader ever sees
     half a file, and a crash leaves the old file or none."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    shareable(fd)  # ase.io.write reopens the path: the mode stays
     os.close(fd)
     try:
         ase.io.write(tmp, list(images), format="extxyz")

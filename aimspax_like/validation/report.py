@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from aimspax_like.data.xyz import shareable
 from aimspax_like.errors import RunDirectoryError, SetupError
 from aimspax_like.validation.testdata import TestSet, read_test_file, run_test_set
 
@@ -361,6 +362,7 @@ def write_json(path: Path, report: dict[str, Any]) -> Path:
     text = json.dumps(strict(report), indent=2, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        shareable(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
         os.replace(tmp, path)
