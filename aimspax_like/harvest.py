@@ -78,17 +78,22 @@ def parse_index(text: str) -> slice:
     return slice(start, stop, step)
 
 
-def read_trajectory(path: Path, index: str = ":") -> list[tuple[int, Atoms]]:
-    """(index in the file, frame) for every frame of ``index``; one-line errors name the file."""
+def read_trajectory(path: Path, index: str = ":", what: str = "trajectory",
+                    missing: str | None = None) -> list[tuple[int, Atoms]]:
+    """(index in the file, frame) for every frame of ``index``; one-line errors name the file.
+
+    ``what`` names the file's content in the messages ("ASE cannot read the <what>"), ``missing``
+    the file when it does not exist (default: ``what``); the ``label`` command reads frames here too.
+    """
     import ase.io
 
     if not path.is_file():
-        raise SetupError(f"{path}: trajectory not found" if not path.exists() else f"{path}: not a file")
+        raise SetupError(f"{path}: {missing or what} not found" if not path.exists() else f"{path}: not a file")
     chosen = parse_index(index)
     try:
         frames = ase.io.read(path, index=":")
     except Exception as exc:  # ASE raises many types for a file it cannot parse
-        raise SetupError(f"{path}: ASE cannot read the trajectory ({type(exc).__name__})") from None
+        raise SetupError(f"{path}: ASE cannot read the {what} ({type(exc).__name__})") from None
     frames = frames if isinstance(frames, list) else [frames]
     positions = list(range(len(frames)))[chosen]
     if not positions:

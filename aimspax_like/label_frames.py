@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aimspax_like.data.xyz import shareable
 from aimspax_like.errors import SetupError
 
 if TYPE_CHECKING:
@@ -100,25 +98,9 @@ def default_output(frames: Path) -> Path:
 
 def read_frames(path: Path, index: str = ":") -> list[tuple[int, Atoms]]:
     """(index in the file, frame) for every frame of ``index``; one-line errors name the file."""
-    import ase.io
+    from aimspax_like.harvest import read_trajectory
 
-    from aimspax_like.harvest import parse_index
-
-    if not path.is_file():
-        raise SetupError(f"{path}: frames file not found" if not path.exists() else f"{path}: not a file")
-    chosen = parse_index(index)
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as exc:  # ASE raises many types for a file it cannot parse
-        raise SetupError(f"{path}: ASE cannot read the frames ({type(exc).__name__})") from None
-    frames = frames if isinstance(frames, list) else [frames]
-    positions = list(range(len(frames)))[chosen]
-    if not positions:
-        raise SetupError(f"{path}: no frames" + (f" in --index {index}" if frames else ""))
-    empty = next((i for i in positions if len(frames[i]) == 0), None)
-    if empty is not None:
-        raise SetupError(f"{path}: frame {empty} has no atoms")
-    return [(i, frames[i]) for i in positions]
+    return read_trajectory(path, index, what="frames", missing="frames file")
 
 
 def load_reference(config_path: Path) -> tuple[Any, dict[str, Any]]:
@@ -267,22 +249,11 @@ def frame_text(atoms: Atoms) -> str:
 
 
 def write_labelled(path: Path, images: Sequence[Atoms]) -> Path:
-    """Write atomically (temporary file beside it, then ``os.replace``), as ``data.xyz.write_images``
-    does: no reader ever sees half a file, and a crash leaves the old file or none. The file gets
-    the usual permissions (0666 less the umask)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        shareable(fd)  # a file for colleagues, not mkstemp's private 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for atoms in images:
-                fh.write(frame_text(atoms))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (``state.write_atomic``: a temporary file beside it, fsynced, then
+    renamed): no reader ever sees half a file, and a crash leaves the old file or none."""
+    from aimspax_like.state import write_atomic
+
+    write_atomic(path, "".join(frame_text(atoms) for atoms in images).encode("utf-8"))
     return path
 
 
