@@ -209,17 +209,24 @@ def _record_site(paths: RunPaths, record: dict[str, Any]) -> None:
     write_atomic(paths.root / "site.yaml", text.encode())
 
 
-def _resumable(config: CampaignConfig) -> RunPaths | None:
-    """The run directory to continue, or None when there is nothing to continue (start fresh)."""
-    paths = RunPaths(Path(config.output.directory))
-    if not paths.config.is_file():
-        return None
+def check_config_unchanged(paths: RunPaths, config: CampaignConfig) -> None:
+    """Refuse to continue ``paths`` with a config that differs from the one it was run with,
+    except in ``state.SAFE_TO_CHANGE`` keys (one line naming the first key). The engine's own
+    record is compared, not the user-editable ``campaign.yaml`` (see ``_record_config``)."""
     record = paths.state / CONFIG_RECORD
     recorded = record.read_text() if record.is_file() else paths.config.read_text()
     changed = unsafe_changes(recorded, config.resolved_yaml())
     if changed:
         raise ConfigError(changed[0], f"differs from the config {paths.root} was run with; change it back "
                           f"or start a new run directory ({len(changed)} key(s) differ)")
+
+
+def _resumable(config: CampaignConfig) -> RunPaths | None:
+    """The run directory to continue, or None when there is nothing to continue (start fresh)."""
+    paths = RunPaths(Path(config.output.directory))
+    if not paths.config.is_file():
+        return None
+    check_config_unchanged(paths, config)
     if (paths.state / AL_CHECKPOINT).exists():  # refuse a damaged one before any worker starts
         load_checkpoint(paths.state / AL_CHECKPOINT)
     if not paths.dataset.is_file():  # the store is made before campaign.yaml: it was deleted

@@ -41,7 +41,7 @@ import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from aimspax_like.campaign import CONFIG_RECORD, _make_root, _record_config, check_cuda, check_spin
+from aimspax_like.campaign import _make_root, _record_config, check_config_unchanged, check_cuda, check_spin
 from aimspax_like.committee import Committee
 from aimspax_like.config import CampaignConfig
 from aimspax_like.context import RunPaths
@@ -50,7 +50,7 @@ from aimspax_like.errors import CampaignInterrupted, ConfigError, LabelsKeepFail
 from aimspax_like.events import EventLog
 from aimspax_like.otf import REFIT_FRAMES, OnTheFlyCalculator, ReferenceLabelError
 from aimspax_like.run_lock import LOCK_NAME, RunLock
-from aimspax_like.state import load_checkpoint, save_checkpoint, unsafe_changes
+from aimspax_like.state import load_checkpoint, save_checkpoint
 from aimspax_like.structures import atoms_from_arrays, atoms_to_arrays, read_structures
 
 OTF_CHECKPOINT = "otf_checkpoint.pt"
@@ -191,12 +191,7 @@ def _prepare(paths: OTFPaths, config: CampaignConfig, overwrite: bool, resume: b
     if content and resume:
         if not paths.config.is_file() or not paths.otf.is_dir():
             raise RunDirectoryError(f"{paths.root}: not an on-the-fly run directory (no campaign.yaml or otf/)")
-        record = paths.state / CONFIG_RECORD
-        recorded = record.read_text() if record.is_file() else paths.config.read_text()
-        changed = unsafe_changes(recorded, config.resolved_yaml())
-        if changed:
-            raise ConfigError(changed[0], f"differs from the config {paths.root} was run with; change it back "
-                              f"or start a new run directory ({len(changed)} key(s) differ)")
+        check_config_unchanged(paths, config)
         if not paths.dataset.is_file():
             raise RunDirectoryError(f"{paths.dataset}: missing from a started run directory; its labels are gone")
         if paths.checkpoint.exists():
