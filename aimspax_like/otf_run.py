@@ -390,12 +390,12 @@ def _build(
 
 
 def _checkpoint(run: OTFRun, done: bool = False) -> None:
+    from aimspax_like.sampling.state import phase_space_dict
+
     s = run.state
     payload = {
         "format": OTF_FORMAT, "done": done, "step": s.step,
-        "md": {"atoms": atoms_to_arrays(s.atoms), "momenta": s.atoms.get_momenta(), "chain": _copy(s.chain),
-               "barostat_chain": _copy(s.barostat_chain), "cell_momentum": _copy(s.cell_momentum),
-               "rng": s.rng.bit_generator.state, "member_forces": _copy(s.member_forces),
+        "md": {**phase_space_dict(s), "member_forces": _copy(s.member_forces),
                "member_stress": _copy(s.member_stress), "temperature_K": s.md.temperature_K},
         "calculator": run.calculator.state_dict(), "committee": run.committee.state_dict(),
         "trajectory_bytes": run.written_bytes, "failures": run.failures,
@@ -405,16 +405,13 @@ def _checkpoint(run: OTFRun, done: bool = False) -> None:
 
 
 def _restore(run: OTFRun, checkpoint: dict[str, Any]) -> None:
+    from aimspax_like.sampling.state import load_phase_space
+
     if checkpoint.get("format") != OTF_FORMAT:
         raise RunDirectoryError(f"{run.paths.checkpoint}: written by another version (format "
                                 f"{checkpoint.get('format')}); start a new run directory")
     s, saved = run.state, checkpoint["md"]
-    s.atoms.set_cell(saved["atoms"]["cell"])
-    s.atoms.set_positions(saved["atoms"]["positions"])
-    s.atoms.set_momenta(saved["momenta"])
-    s.step = int(checkpoint["step"])
-    s.chain, s.barostat_chain, s.cell_momentum = saved["chain"], saved["barostat_chain"], saved["cell_momentum"]
-    s.rng.bit_generator.state = saved["rng"]
+    load_phase_space(s, saved)
     s.md = s.md.model_copy(update={"temperature_K": saved["temperature_K"]})
     s.member_forces, s.member_stress = saved["member_forces"], saved["member_stress"]
     run.committee.load_state_dict(checkpoint["committee"])

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from aimspax_like.errors import SetupError
+from aimspax_like.sampling.state import load_phase_space, phase_space_dict
 from aimspax_like.structures import atoms_from_arrays, atoms_to_arrays
 from aimspax_like.uncertainty import MovingAverageThreshold
 
@@ -31,10 +32,7 @@ class SchedulerCheckpoint:
         for t in self.trajectories:
             md = t.md
             trajectories.append({
-                "index": t.index, "atoms": atoms_to_arrays(md.atoms), "momenta": md.atoms.get_momenta(),
-                "step": md.step, "chain": _copy(md.chain),
-                "barostat_chain": _copy(md.barostat_chain), "cell_momentum": _copy(md.cell_momentum),
-                "rng": md.rng.bit_generator.state, "status": t.status.value,
+                "index": t.index, **phase_space_dict(md), "status": t.status.value,
                 "checkpoint": atoms_to_arrays(t.checkpoint),
                 "epochs_for_point": t.epochs_for_point, "labels_done": t.labels_done,
                 "labels_failed": t.labels_failed, "labels_held": t.labels_held,
@@ -74,14 +72,7 @@ class SchedulerCheckpoint:
             load_committee(state["committee"])
         for t, saved in zip(self.trajectories, state["trajectories"], strict=True):
             md = t.md
-            md.atoms.set_cell(saved["atoms"]["cell"])
-            md.atoms.set_positions(saved["atoms"]["positions"])
-            md.atoms.set_momenta(saved["momenta"])
-            md.step = saved["step"]
-            md.chain = saved["chain"]
-            md.barostat_chain = saved.get("barostat_chain")  # MTK's barostat (absent: at rest)
-            md.cell_momentum = saved.get("cell_momentum")
-            md.rng.bit_generator.state = saved["rng"]
+            load_phase_space(md, saved)
             md.invalidate_forces()
             t.status = Status(saved["status"])
             t.checkpoint = atoms_from_arrays(saved["checkpoint"])
@@ -108,7 +99,3 @@ class SchedulerCheckpoint:
             extra = self.analysis.load_state_dict(state["analysis"], found)
             counts["analysis_adopted"], counts["analysis_resubmitted"] = extra["adopted"], extra["resubmitted"]
         return counts
-
-
-def _copy(array: np.ndarray | None) -> np.ndarray | None:
-    return None if array is None else array.copy()

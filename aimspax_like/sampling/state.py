@@ -102,6 +102,33 @@ class MDState:
         return float(potential_energy) + kinetic + self.thermostat_energy()
 
 
+def phase_space_dict(state: MDState) -> dict[str, Any]:
+    """A trajectory's exact point as plain data for a checkpoint: geometry, momenta, step,
+    thermostat and barostat chains, cell momentum and the random generator's state."""
+    from aimspax_like.structures import atoms_to_arrays
+
+    def copy(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else np.array(array, copy=True)
+
+    return {"atoms": atoms_to_arrays(state.atoms), "momenta": state.atoms.get_momenta(), "step": state.step,
+            "chain": copy(state.chain), "barostat_chain": copy(state.barostat_chain),
+            "cell_momentum": copy(state.cell_momentum), "rng": state.rng.bit_generator.state}
+
+
+def load_phase_space(state: MDState, saved: dict[str, Any]) -> None:
+    """Inverse of ``phase_space_dict``. Cached forces are left to the caller (a scheduler
+    recomputes them, an on-the-fly run puts back the ones it saved). A checkpoint written before
+    MTK NPT existed has no barostat entries: the barostat is at rest."""
+    state.atoms.set_cell(saved["atoms"]["cell"])
+    state.atoms.set_positions(saved["atoms"]["positions"])
+    state.atoms.set_momenta(saved["momenta"])
+    state.step = saved["step"]
+    state.chain = saved["chain"]
+    state.barostat_chain = saved.get("barostat_chain")
+    state.cell_momentum = saved.get("cell_momentum")
+    state.rng.bit_generator.state = saved["rng"]
+
+
 def fixed_atoms(atoms: Atoms) -> np.ndarray:
     """Boolean mask of atoms held by ``FixAtoms``, the one constraint batched MD honours."""
     mask = np.zeros(len(atoms), dtype=bool)
