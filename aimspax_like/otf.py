@@ -263,7 +263,8 @@ class OnTheFlyCalculator(Calculator):
         factor = self.calibration
         measured = raw * factor
         threshold = self.threshold
-        untrained = len(self.committee.all_train) < self.min_train
+        # all_train walks every member's frames: only asked for when min_train can matter.
+        untrained = self.min_train > 0 and len(self.committee.all_train) < self.min_train
         asked, self._label_next = self._label_next, False
         labelled = untrained or asked or measured > threshold
 
