@@ -84,7 +84,7 @@ class RunContext:
     on_progress: Callable[[dict[str, Any]], None] | None = None
     split_counts: dict[str, int] = field(default_factory=dict)
     should_stop: Callable[[], int] = lambda: 0  # a signal number once SIGTERM/SIGINT arrived
-    stored_keys: set[tuple[str, int, int]] = field(default_factory=set)
+    stored_keys: set[tuple[str, int, int, int]] = field(default_factory=set)
     labeller: Labeller = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,8 +95,8 @@ class RunContext:
         self.split_counts = dict(self.store.counts()["split"])
         self.stored_keys = set(self.store.keys())
 
-    def is_stored(self, origin: str, trajectory: int = -1, md_step: int = -1) -> bool:
-        return (origin, int(trajectory), int(md_step)) in self.stored_keys
+    def is_stored(self, origin: str, trajectory: int = -1, md_step: int = -1, piece: int = -1) -> bool:
+        return (origin, int(trajectory), int(md_step), int(piece)) in self.stored_keys
 
     @property
     def reference_spec(self) -> dict[str, Any]:
@@ -112,11 +112,11 @@ class RunContext:
 
     def store_label(self, atoms: Atoms, result: LabelResult, split: str, **provenance: Any) -> LabelledFrame:
         key = (provenance.get("origin", ""), int(provenance.get("trajectory", -1)),
-               int(provenance.get("md_step", -1)))
+               int(provenance.get("md_step", -1)), int(provenance.get("piece", -1)))
         if key[2] >= 0 and key in self.stored_keys:  # frames without an MD step have no identity
-            self.events.emit("frame_duplicate", origin=key[0], trajectory=key[1], md_step=key[2])
+            self.events.emit("frame_duplicate", origin=key[0], trajectory=key[1], md_step=key[2], piece=key[3])
             return next(f for f in self.store.frames(origin=key[0])
-                        if (f.trajectory, f.md_step) == key[1:])
+                        if (f.trajectory, f.md_step, f.piece) == key[1:])
         frame = LabelledFrame.from_atoms(
             atoms, result.energy, result.forces, result.stress, split=split,
             reference=self.fingerprint, label_wall_s=result.wall_s, **provenance,
@@ -134,12 +134,13 @@ class RunContext:
     def store_frames(self, frames: list[LabelledFrame]) -> list[LabelledFrame]:
         """Store frames labelled elsewhere (imported data) in one write; those already stored are
         skipped by the same identity as ``store_label``'s. Returns the frames that were new."""
-        new = [f for f in frames if not (f.md_step >= 0 and self.is_stored(f.origin, f.trajectory, f.md_step))]
+        new = [f for f in frames
+               if not (f.md_step >= 0 and self.is_stored(f.origin, f.trajectory, f.md_step, f.piece))]
         if new:
             with self.clock.measure("io"):
                 self.store.extend(new)
             for frame in new:
-                self.stored_keys.add((frame.origin, frame.trajectory, frame.md_step))
+                self.stored_keys.add((frame.origin, frame.trajectory, frame.md_step, frame.piece))
                 self.split_counts[frame.split] = self.split_counts.get(frame.split, 0) + 1
         return new
 

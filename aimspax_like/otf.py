@@ -171,8 +171,8 @@ class OnTheFlyCalculator(Calculator):
         # meets one of them at the same geometry takes it instead of asking the reference again.
         self.stored_labels: dict[int, int] = {}
         if store is not None:
-            self.stored_labels = {step: row for row, (origin, traj, step) in enumerate(store.keys())
-                                  if origin == OTF_ORIGIN and traj == self.trajectory}
+            self.stored_labels = {step: row for row, (origin, traj, step, piece) in enumerate(store.keys())
+                                  if origin == OTF_ORIGIN and traj == self.trajectory and piece < 0}
 
     # ------------------------------------------------------------------ construction
 

@@ -62,7 +62,7 @@ def check_frames(config: CampaignConfig, frames: list[Atoms], store: DatasetStor
     picks = np.unique(np.linspace(0, len(candidates) - 1, min(wanted, len(candidates))).round().astype(int))
     spec = config.reference.model_dump(mode="json")
     fingerprint = reference_fingerprint(spec)
-    stored = {step: row for row, (origin, traj, step) in enumerate(store.keys()) if origin == CHECK_ORIGIN}
+    stored = {step: row for row, (origin, _, step, _) in enumerate(store.keys()) if origin == CHECK_ORIGIN}
     pairs = []
     for i in picks:
         atoms = candidates[int(i)]
@@ -128,7 +128,7 @@ def make_otf_report(paths: Any, config: CampaignConfig, store: DatasetStore, eve
     calc_state = checkpoint.get("calculator", {})
     steps_done = int(checkpoint.get("step", 0))
     keys = store.keys()
-    labelled = sorted(step for origin, traj, step in keys if origin == OTF_ORIGIN)
+    labelled = sorted(step for origin, _, step, _ in keys if origin == OTF_ORIGIN)
     frames = read_trajectory(paths.trajectory)
     pairs = check_frames(config, frames, store, paths.labels, events) if done else []
     timings = dict(calc_state.get("timings", {}))

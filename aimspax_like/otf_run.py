@@ -250,7 +250,7 @@ def _store_start_frames(
         spec["compute_stress"] = True
     fingerprint = reference_fingerprint(spec)
     stored = store.keys()
-    have = {step for origin, _, step in stored if origin == "idg"}
+    have = {step for origin, _, step, _ in stored if origin == "idg"}
     wanted = config.otf.start.frames
     geometries = _start_geometries(config, start, spec)
     failures = 0
@@ -316,7 +316,7 @@ def _copy_start_run(dataset: Path, store: DatasetStore) -> None:
     from aimspax_like.data import source_tag
 
     stored = store.keys()
-    if any(origin == "import" for origin, _, _ in stored):
+    if any(origin == "import" for origin, *_ in stored):
         return  # copied before a kill
     frames = [f for f in DatasetStore.open(dataset).frames() if f.split in ("train", "valid")]
     copies = []
@@ -324,7 +324,8 @@ def _copy_start_run(dataset: Path, store: DatasetStore) -> None:
         copy = LabelledFrame.from_atoms(
             f.to_atoms(), energy=f.energy, forces=f.forces, stress=f.stress, split=f.split, origin="import",
             trajectory=0, md_step=k, member=f.member, reference=f.reference, label_wall_s=f.label_wall_s,
-            source=source_tag(dataset, k))
+            source=source_tag(dataset, k), piece=0 if f.is_piece else -1, force_mask=f.force_mask,
+            parent_index=f.parent_index)
         copies.append(copy)
     store.extend(copies)
 

@@ -77,32 +77,63 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(7)
 
 
+def piece(rng: np.random.Generator, **prov) -> LabelledFrame:
+    """A substructure of five atoms: two core atoms, three buffer atoms, parent indices."""
+    atoms = Atoms("Cu5", positions=rng.normal(scale=2.0, size=(5, 3)))
+    prov = {"split": "train", "origin": "al", "trajectory": 1, "md_step": 40, "piece": 1,
+            "force_mask": [True, False, True, False, False], "parent_index": [17, 3, 250, 9, 11], **prov}
+    return LabelledFrame.from_atoms(atoms, energy=-12.5, forces=rng.normal(size=(5, 3)), **prov)
+
+
 def test_round_trip_preserves_every_field(tmp_path, rng):
-    frames = [molecule(rng), crystal(rng), molecule(rng, split="test", origin="test")]
+    frames = [molecule(rng), crystal(rng), piece(rng), molecule(rng, split="test", origin="test")]
     store = DatasetStore.create(tmp_path / "data.h5")
-    assert [store.append(f) for f in frames] == [0, 1, 2]
+    assert [store.append(f) for f in frames] == [0, 1, 2, 3]
     reopened = DatasetStore.open(tmp_path / "data.h5")
-    assert len(reopened) == 3
+    assert len(reopened) == 4
     for a, b in zip(frames, reopened.frames(), strict=True):
         assert_same(a, b)
     assert reopened.frames()[0].stress is None
+    assert reopened.keys()[2] == ("al", 1, 40, 1) and reopened.keys()[1] == ("al", 3, 1200, -1)
     with h5py.File(tmp_path / "data.h5", "r") as h5:
-        assert h5.attrs["format_version"] == 2 and h5.attrs["n_frames"] == 3
+        assert h5.attrs["format_version"] == 3 and h5.attrs["n_frames"] == 4
+
+
+def test_a_piece_trains_on_its_core_forces_only_and_has_no_energy_label(rng):
+    frame = piece(rng)
+    atoms = frame.to_atoms()
+    assert "REF_energy" not in atoms.info and atoms.info["piece_energy"] == -12.5
+    assert atoms.arrays["force_mask"].tolist() == [True, False, True, False, False]
+    assert atoms.arrays["parent_index"].tolist() == [17, 3, 250, 9, 11]
+    whole = molecule(rng).to_atoms()
+    assert "force_mask" not in whole.arrays and "REF_energy" in whole.info
+    with pytest.raises(ValueError, match="needs its force_mask"):
+        piece(rng, force_mask=None)
+    with pytest.raises(ValueError, match="at least one core atom"):
+        piece(rng, force_mask=[False] * 5)
+    with pytest.raises(ValueError, match="belongs to a substructure"):
+        piece(rng, piece=-1)
 
 
 def test_a_format_1_store_reads_without_sources_and_is_upgraded_by_the_next_write(tmp_path, rng):
     path = tmp_path / "old.h5"
     store = DatasetStore.create(path)
     store.extend([molecule(rng), crystal(rng, source="")])
-    with h5py.File(path, "r+") as h5:  # what a store written before sources existed looks like
-        del h5["source"]
+    with h5py.File(path, "r+") as h5:  # what a store written before sources and pieces existed looks like
+        for name in ("source", "piece", "force_mask", "parent_index"):
+            del h5[name]
         h5.attrs["format_version"] = 1
     old = DatasetStore.open(path)
     assert [f.source for f in old.frames()] == ["", ""]
-    old.append(molecule(rng, source="x.xyz#3"))
+    assert old.keys() == [("idg", -1, -1, -1), ("al", 3, 1200, -1)]
+    old.append(piece(rng, source="x.xyz#3"))
     with h5py.File(path, "r") as h5:
-        assert h5.attrs["format_version"] == 2 and h5["source"].shape[0] >= 3
-    assert [f.source for f in DatasetStore.open(path).frames()] == ["", "", "x.xyz#3"]
+        assert h5.attrs["format_version"] == 3 and h5["source"].shape[0] >= 3
+        assert h5["force_mask"][:11].all() and (h5["parent_index"][:11] == -1).all()  # the 3 + 8 old atoms
+    frames = DatasetStore.open(path).frames()
+    assert [f.source for f in frames] == ["", "", "x.xyz#3"]
+    assert [f.piece for f in frames] == [-1, -1, 1] and frames[0].force_mask is None
+    assert frames[2].force_mask.tolist() == [True, False, True, False, False]
 
 
 def test_source_tag_fits_the_store_and_keeps_the_file_name():

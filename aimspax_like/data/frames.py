@@ -80,6 +80,9 @@ class LabelledFrame:
     label_wall_s: float = math.nan
     created: float = field(default_factory=time.time)
     source: str = ""
+    piece: int = -1
+    force_mask: np.ndarray | None = None
+    parent_index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1).copy()
@@ -107,7 +110,37 @@ class LabelledFrame:
         self.source = str(self.source)
         if len(self.source.encode("utf-8")) > SOURCE_BYTES:
             raise ValueError(f"source must fit {SOURCE_BYTES} bytes of UTF-8 (use source_tag), got {self.source!r}")
+        self.piece = int(self.piece)
+        self._normalise_piece(n)
         self.check_finite()
+
+    def _normalise_piece(self, n: int) -> None:
+        """A substructure (``piece >= 0``) carries its core mask and parent indices; a whole frame
+        carries neither (an all-true mask is stored as none: it changes nothing)."""
+        if self.force_mask is not None:
+            self.force_mask = np.asarray(self.force_mask, dtype=bool).reshape(-1).copy()
+        if self.parent_index is not None:
+            self.parent_index = np.asarray(self.parent_index, dtype=np.int64).reshape(-1).copy()
+        for name in ("force_mask", "parent_index"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {value.shape}")
+        if self.piece < 0:
+            if self.force_mask is not None and not self.force_mask.all():
+                raise ValueError("a force_mask with masked atoms belongs to a substructure (piece >= 0)")
+            self.force_mask = self.parent_index = None
+            return
+        if self.force_mask is None or self.parent_index is None:
+            raise ValueError("a substructure (piece >= 0) needs its force_mask and parent_index")
+        if not self.force_mask.any():
+            raise ValueError("a substructure needs at least one core atom (force_mask all false)")
+        if self.stress is not None:
+            raise ValueError("a substructure carries no stress label (its buffer would spoil it)")
+
+    @property
+    def is_piece(self) -> bool:
+        """A substructure: only its core atoms' forces are a label (see ``to_atoms``)."""
+        return self.piece >= 0
 
     def check_finite(self) -> None:
         """Refuse non-finite geometry or label numbers: one NaN force poisons every member trained on it."""
@@ -151,6 +184,11 @@ class LabelledFrame:
 
         The calculator serves ASE code (``get_potential_energy``); the REF_* keys are what
         MACE's data loader reads with ``--energy_key REF_energy --forces_key REF_forces``.
+
+        A substructure gets no ``REF_energy`` (its energy, kept as ``piece_energy``, includes the
+        buffer's cut surface, which no model of the parent system should learn; without the key
+        mace gives the frame an energy weight of 0, and E0 fits skip it) and a ``force_mask``
+        array that the engine's loss applies (only core forces train) plus ``parent_index``.
         """
         atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
         results: dict[str, Any] = {"energy": self.energy, "forces": self.forces.copy()}
@@ -158,8 +196,14 @@ class LabelledFrame:
             results["stress"] = self.stress.copy()
             atoms.info["REF_stress"] = self.stress.copy()
         atoms.calc = SinglePointCalculator(atoms, **results)
-        atoms.info["REF_energy"] = self.energy
         atoms.arrays["REF_forces"] = self.forces.copy()
+        if self.is_piece:
+            atoms.info["piece_energy"] = self.energy
+            atoms.info["piece"] = self.piece
+            atoms.arrays["force_mask"] = self.force_mask.copy()
+            atoms.arrays["parent_index"] = self.parent_index.copy()
+        else:
+            atoms.info["REF_energy"] = self.energy
         for key in PROVENANCE_KEYS:
             atoms.info[key] = getattr(self, key)
         for key in ("reference", "source"):

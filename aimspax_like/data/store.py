@@ -7,8 +7,10 @@ loses nothing. The frame counter attribute ``n_frames`` is written last and read
 not dataset lengths, so rows left behind by a write that died half-way are ignored and later
 overwritten.
 
-Layout (format_version 2; a format-1 store, which lacks ``source``, reads with empty sources
-and is upgraded in place by the first write): per-atom arrays (``numbers``, ``positions``, ``forces``) are
+Layout (format_version 3; an older store reads as if it had the newer columns, empty, and is
+upgraded in place by the first write: format 2 added ``source``, format 3 the substructure
+columns ``piece``, ``force_mask`` and ``parent_index``): per-atom arrays (``numbers``,
+``positions``, ``forces``, ``force_mask``, ``parent_index``) are
 concatenated along axis 0 in resizable chunked datasets; each frame points into them with
 ``atom_offset``/``n_atoms``. Everything else is one row per frame; a missing stress is stored as
 NaNs with ``has_stress`` false. Only one process may write at a time (the campaign); readers
@@ -31,8 +33,8 @@ from ase import Atoms
 from aimspax_like.data.frames import ORIGINS, SOURCE_BYTES, SPLITS, LabelledFrame
 from aimspax_like.errors import SetupError
 
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 
 # Fixed-length ASCII, not variable-length strings: HDF5 puts each write session's vlen strings
 # in a fresh 4 KiB global-heap collection, which, with one session per append, grew the file by
@@ -43,6 +45,10 @@ _PER_ATOM: dict[str, tuple[Any, tuple[int, ...]]] = {
     "numbers": (np.int32, ()),
     "positions": (np.float64, (3,)),
     "forces": (np.float64, (3,)),
+    # A substructure's core atoms (true) and each atom's index in its parent frame; a whole
+    # frame stores true and -1 (see ``LabelledFrame.piece``).
+    "force_mask": (np.bool_, ()),
+    "parent_index": (np.int64, ()),
 }
 _PER_FRAME: dict[str, tuple[Any, tuple[int, ...]]] = {
     "atom_offset": (np.int64, ()),
@@ -54,13 +60,15 @@ _PER_FRAME: dict[str, tuple[Any, tuple[int, ...]]] = {
     "has_stress": (np.bool_, ()),
     **{name: (h5py.string_dtype("ascii", width), ()) for name, width in _STR_WIDTH.items()},
     "source": (h5py.string_dtype("utf-8", SOURCE_BYTES), ()),
-    **{name: (np.int64, ()) for name in ("trajectory", "md_step", "member")},
+    **{name: (np.int64, ()) for name in ("trajectory", "md_step", "member", "piece")},
     **{name: (np.float64, ()) for name in ("uncertainty", "label_wall_s", "created")},
 }
 _CHUNK_ROWS = {"atom": 2048, "frame": 512}
-_ADDED_IN_2 = ("source",)  # columns a format-1 store lacks
+# Columns an older store lacks, with the value its existing rows get, per the version that added them.
+_ADDED = {2: {"source": b""}, 3: {"piece": -1, "force_mask": True, "parent_index": -1}}
+_ADDED_COLUMNS = frozenset(name for columns in _ADDED.values() for name in columns)
 _STRING_FIELDS = tuple(_STR_WIDTH)
-_SCALAR_FIELDS = ("trajectory", "md_step", "uncertainty", "member", "label_wall_s", "created")
+_SCALAR_FIELDS = ("trajectory", "md_step", "uncertainty", "member", "label_wall_s", "created", "piece")
 _LOCK_WAIT_S = 10.0
 # What h5py raises on a damaged, truncated or foreign file, at open or at first read.
 _H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
@@ -157,7 +165,7 @@ class DatasetStore:
         if int(version) not in _READABLE_VERSIONS:
             raise SetupError(f"{self.path}: dataset store format_version {version}, "
                              f"this engine reads {', '.join(map(str, _READABLE_VERSIONS))}")
-        missing = [name for name in (*_PER_ATOM, *_PER_FRAME) if name not in h5 and name not in _ADDED_IN_2]
+        missing = [name for name in (*_PER_ATOM, *_PER_FRAME) if name not in h5 and name not in _ADDED_COLUMNS]
         if missing:
             raise SetupError(f"{self.path}: damaged dataset store, missing {', '.join(missing)}")
         n = int(h5.attrs["n_frames"])
@@ -215,18 +223,27 @@ class DatasetStore:
 
     @staticmethod
     def _upgrade(h5: h5py.File) -> None:
-        """Format 1 -> 2: add the ``source`` column, empty for the frames already stored.
+        """Add the columns of every later format, filled for the frames already stored (empty
+        source; whole frames: piece -1, every force a label, no parent).
 
-        Written before the version attribute, so a write that dies half-way leaves a format-1
+        Written before the version attribute, so a write that dies half-way leaves an old-format
         store that upgrades again next time.
         """
         n = int(h5.attrs["n_frames"])
-        for name in _ADDED_IN_2:
-            if name in h5:
-                del h5[name]
-            dtype, shape = _PER_FRAME[name]
-            h5.create_dataset(name, shape=(n, *shape), maxshape=(None, *shape), dtype=dtype,
-                              chunks=(_CHUNK_ROWS["frame"], *shape))
+        n_atoms = int(h5["atom_offset"][n - 1] + h5["n_atoms"][n - 1]) if n else 0
+        version = int(h5.attrs["format_version"])
+        for added_in, columns in _ADDED.items():
+            if version >= added_in:
+                continue
+            for name, fill in columns.items():
+                if name in h5:
+                    del h5[name]
+                kind, rows = ("atom", n_atoms) if name in _PER_ATOM else ("frame", n)
+                dtype, shape = (_PER_ATOM if kind == "atom" else _PER_FRAME)[name]
+                ds = h5.create_dataset(name, shape=(rows, *shape), maxshape=(None, *shape), dtype=dtype,
+                                       chunks=(_CHUNK_ROWS[kind], *shape))
+                if rows and fill not in (b"", 0):
+                    ds[:] = fill
         h5.flush()
         h5.attrs["format_version"] = FORMAT_VERSION
 
@@ -247,6 +264,10 @@ class DatasetStore:
             "numbers": np.concatenate([f.numbers for f in batch]).astype(np.int32),
             "positions": np.concatenate([f.positions for f in batch]).reshape(-1, 3),
             "forces": np.concatenate([f.forces for f in batch]).reshape(-1, 3),
+            "force_mask": np.concatenate([np.ones(len(f), bool) if f.force_mask is None else f.force_mask
+                                          for f in batch]),
+            "parent_index": np.concatenate([np.full(len(f), -1, np.int64) if f.parent_index is None
+                                            else f.parent_index for f in batch]),
         }
         per_frame: dict[str, Any] = {
             "n_atoms": sizes,
@@ -283,12 +304,12 @@ class DatasetStore:
             h5["split"][index] = _ascii(split, "split")
             h5.flush()
 
-    def index_of(self, origin: str, trajectory: int, md_step: int) -> int:
-        """The index of the frame with this (origin, trajectory, md_step) identity."""
+    def index_of(self, origin: str, trajectory: int, md_step: int, piece: int = -1) -> int:
+        """The index of the frame with this (origin, trajectory, md_step, piece) identity."""
         for k, key in enumerate(self.keys()):
-            if key == (origin, int(trajectory), int(md_step)):
+            if key == (origin, int(trajectory), int(md_step), int(piece)):
                 return k
-        raise KeyError(f"no frame ({origin}, {trajectory}, {md_step}) in the store")
+        raise KeyError(f"no frame ({origin}, {trajectory}, {md_step}, piece {piece}) in the store")
 
     @staticmethod
     def _put(h5: h5py.File, columns: dict[str, Any], row: int) -> None:
@@ -323,14 +344,16 @@ class DatasetStore:
         if len(index) == 0:
             return []
         lo, hi = int(index[0]), int(index[-1]) + 1
-        col = {name: h5[name][lo:hi] for name in _PER_FRAME if name not in (*_STRING_FIELDS, "source")}
+        col = {name: h5[name][lo:hi] for name in _PER_FRAME if name not in (*_STRING_FIELDS, "source") and name in h5}
         for name in _STRING_FIELDS:
             col[name] = h5[name].asstr()[lo:hi]
         col["source"] = (h5["source"].asstr()[lo:hi] if "source" in h5
                          else np.full(hi - lo, "", dtype=object))  # a format-1 store
         a_lo = int(col["atom_offset"][index[0] - lo])
         a_hi = int(col["atom_offset"][index[-1] - lo] + col["n_atoms"][index[-1] - lo])
-        atoms_cols = {name: h5[name][a_lo:a_hi] for name in _PER_ATOM}
+        atoms_cols = {name: h5[name][a_lo:a_hi] for name in _PER_ATOM if name in h5}
+        if "piece" not in h5:  # an older store: whole frames only
+            col["piece"] = np.full(hi - lo, -1, dtype=np.int64)
         out = []
         for i in index - lo:
             s = slice(int(col["atom_offset"][i]) - a_lo,
@@ -344,6 +367,8 @@ class DatasetStore:
                 forces=atoms_cols["forces"][s],
                 stress=col["stress"][i] if col["has_stress"][i] else None,
                 **{name: col[name][i] for name in (*_STRING_FIELDS, *_SCALAR_FIELDS, "source")},
+                **({"force_mask": atoms_cols["force_mask"][s], "parent_index": atoms_cols["parent_index"][s]}
+                   if col["piece"][i] >= 0 else {}),
             ))
         return out
 
@@ -367,19 +392,20 @@ class DatasetStore:
         """Same selection as ``frames``, as ``ase.Atoms`` with REF_* keys (see ``to_atoms``)."""
         return [f.to_atoms() for f in self.frames(split=split, origin=origin, member=member)]
 
-    def keys(self) -> list[tuple[str, int, int]]:
-        """(origin, trajectory, md_step) of every frame: a label's identity within a campaign.
+    def keys(self) -> list[tuple[str, int, int, int]]:
+        """(origin, trajectory, md_step, piece) of every frame: a label's identity within a campaign.
 
-        A resumed campaign asks this before storing a label again (no new column was needed:
-        the three fields exist since format_version 1).
+        A resumed campaign asks this before storing a label again. ``piece`` tells the
+        substructures carved from one frame apart (-1: the whole frame; older stores have only those).
         """
         if not self._exists():
             return []
         with self._reader() as h5:
             n = int(h5.attrs["n_frames"])
             origins = h5["origin"].asstr()[:n]
+            pieces = h5["piece"][:n] if "piece" in h5 else np.full(n, -1)
             return list(zip(origins, (int(t) for t in h5["trajectory"][:n]),
-                            (int(s) for s in h5["md_step"][:n]), strict=True))
+                            (int(s) for s in h5["md_step"][:n]), (int(p) for p in pieces), strict=True))
 
     def counts(self) -> dict[str, Any]:
         """``{"total": n, "split": {name: n}, "origin": {name: n}}``, every known name present."""

@@ -38,6 +38,8 @@ KEYS = mace_data.KeySpecification(
     arrays_keys={"forces": "REF_forces"},
 )
 HEADS = ["Default"]
+# Per-atom array of a substructure (``LabelledFrame.to_atoms``): true where the force is a label.
+FORCE_MASK = "force_mask"
 
 
 def mace_cell(positions: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], cutoff: float) -> np.ndarray:
@@ -69,6 +71,8 @@ def frame_key(atoms: Atoms) -> bytes:
         digest.update(np.ascontiguousarray(array).tobytes())
     forces = atoms.arrays.get("REF_forces")
     digest.update(b"F" + (np.ascontiguousarray(forces, dtype=float).tobytes() if forces is not None else b"-"))
+    mask = atoms.arrays.get(FORCE_MASK)
+    digest.update(b"M" + (np.ascontiguousarray(mask, dtype=bool).tobytes() if mask is not None else b"-"))
     labels = {k: v for k, v in atoms.info.items() if k in _INFO_READ or k.startswith("config_")}
     digest.update(repr(sorted((k, np.asarray(v).tolist()) for k, v in labels.items())).encode())
     return digest.digest()
@@ -102,13 +106,22 @@ class GraphBuilder:
         self._cache.clear()
 
     def build(self, atoms: Atoms) -> mace_data.AtomicData:
-        """One graph, uncached (for MD snapshots that change every step)."""
+        """One graph, uncached (for MD snapshots that change every step).
+
+        Every graph carries a node-level ``force_mask`` (1 where the force is a label, 0 for a
+        substructure's buffer atoms; all ones for a whole frame): graphs batch together only when
+        all of them have the same keys, and the engine's losses (``models.losses``) read it.
+        """
         self._check_elements(atoms)
         config = mace_data.config_from_atoms(atoms, key_specification=KEYS, head_name=HEADS[0])
         with default_dtype(self.dtype):
-            return mace_data.AtomicData.from_config(
+            data = mace_data.AtomicData.from_config(
                 config, z_table=self.z_table, cutoff=self.r_max, heads=HEADS
             )
+        mask = atoms.arrays.get(FORCE_MASK)
+        data.force_mask = (torch.ones(len(atoms), dtype=self.dtype) if mask is None
+                           else torch.as_tensor(np.asarray(mask, dtype=bool), dtype=self.dtype))
+        return data
 
     def cached(self, atoms: Atoms) -> mace_data.AtomicData:
         """The graph of a labelled frame, built once per distinct content."""

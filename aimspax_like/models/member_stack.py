@@ -229,13 +229,15 @@ class PaddedBatch:
 
     ``graph``: what the MACE forward reads; ``labels``: references and loss weights (zero for
     dummies); ``n_graphs``/``n_atoms`` [K]: each member's real counts (0 for a member without a
-    batch this step), the loss's mean denominators.
+    batch this step); ``n_labelled`` [K]: its atoms whose force is a label (``force_mask``: a
+    substructure's buffer atoms are not), the force mean's denominator.
     """
 
     graph: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     n_graphs: torch.Tensor
     n_atoms: torch.Tensor
+    n_labelled: torch.Tensor
 
 
 def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.device, dtype: torch.dtype) -> PaddedBatch:
@@ -253,7 +255,7 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
     n_elements = int(real[0].node_attrs.shape[1])
     far = 2.0 * float(r_max) + 1.0  # beyond the cutoff: the envelope is exactly zero there
     rows: dict[str, list[torch.Tensor]] = {}
-    counts_g, counts_n = [], []
+    counts_g, counts_n, counts_f = [], [], []
 
     def add(name: str, value: torch.Tensor) -> None:
         rows.setdefault(name, []).append(value)
@@ -274,7 +276,7 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
             batch_idx, ptr = torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long)
             cell = torch.zeros(0, 3, dtype=dtype)
             energy = weight = e_weight = f_weight = torch.zeros(0, dtype=dtype)
-            forces = torch.zeros(0, 3, dtype=dtype)
+            forces, mask = torch.zeros(0, 3, dtype=dtype), torch.zeros(0, dtype=dtype)
         else:
             b = b.to("cpu")
             positions, attrs = b.positions.to(dtype), b.node_attrs.to(dtype)
@@ -284,6 +286,8 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
             energy, weight = b.energy.to(dtype), b.weight.to(dtype)
             e_weight, f_weight = b.energy_weight.to(dtype), b.forces_weight.to(dtype)
             forces = b.forces.to(dtype)
+            mask = b.force_mask.to(dtype) if hasattr(b, "force_mask") else torch.ones(n, dtype=dtype)
+        counts_f.append(float(mask.sum()))
         dummy_edges = torch.full((2, pad_e), n, dtype=torch.long)  # the first dummy atom, to itself
         dummy_shifts = torch.zeros(pad_e, 3, dtype=dtype)
         dummy_shifts[:, 0] = far
@@ -300,6 +304,7 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
         add("energy_weight", torch.cat([e_weight, torch.zeros(pad_g, dtype=dtype)]))
         add("forces_weight", torch.cat([f_weight, torch.zeros(pad_g, dtype=dtype)]))
         add("forces", torch.cat([forces, torch.zeros(pad_n, 3, dtype=dtype)]))
+        add("force_mask", torch.cat([mask, torch.zeros(pad_n, dtype=dtype)]))
     stacked = {name: torch.stack(values).to(device) for name, values in rows.items()}
     stacked["unit_shifts"] = torch.zeros_like(stacked["shifts"])  # only read for stress
     graph_keys = ("positions", "node_attrs", "edge_index", "shifts", "unit_shifts", "cell", "batch", "ptr", "head")
@@ -309,6 +314,7 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
         labels=stacked,
         n_graphs=torch.tensor(counts_g, dtype=dtype, device=device),
         n_atoms=torch.tensor(counts_n, dtype=dtype, device=device),
+        n_labelled=torch.tensor(counts_f, dtype=dtype, device=device),
     )
 
 
@@ -332,23 +338,25 @@ def _losses(
     graph: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],
     n_graphs: torch.Tensor,
-    n_atoms: torch.Tensor,
+    n_labelled: torch.Tensor,
     weights: tuple[float, float],
 ) -> torch.Tensor:
     """Every member's ``WeightedEnergyForcesLoss`` on its padded batch, [K] (plain stacked tensors).
 
     mace: ``w_E * mean_graphs(weight * energy_weight * ((E - E_ref) / n_atoms)^2)
     + w_F * mean_components(weight * forces_weight * (F - F_ref)^2)``; the means here divide by
-    the real graph and component counts, dummies carry weight 0.
+    the real graph count and the labelled component count (``n_labelled`` atoms, see
+    ``models.losses``), dummies and masked buffer atoms carry weight 0.
     """
     ptr = graph["ptr"]
     atoms_per_graph = (ptr[:, 1:] - ptr[:, :-1]).to(energy.dtype).clamp(min=1.0)  # empty padding graphs
     e_w = labels["weight"] * labels["energy_weight"]
     e_sum = (e_w * torch.square((labels["energy"] - energy) / atoms_per_graph)).sum(dim=1)
-    f_w = torch.gather(labels["weight"] * labels["forces_weight"], 1, graph["batch"]).unsqueeze(-1)
+    per_graph = labels["weight"] * labels["forces_weight"]
+    f_w = (torch.gather(per_graph, 1, graph["batch"]) * labels["force_mask"]).unsqueeze(-1)
     f_sum = (f_w * torch.square(labels["forces"] - forces)).sum(dim=(1, 2))
     energy_term = e_sum / n_graphs.clamp(min=1.0)
-    forces_term = f_sum / (3.0 * n_atoms).clamp(min=1.0)
+    forces_term = f_sum / (3.0 * n_labelled).clamp(min=1.0)
     return weights[0] * energy_term + weights[1] * forces_term
 
 
@@ -457,7 +465,7 @@ class MemberStack:
             interaction, energy = vmap(_energies, in_dims=(0, 0, 0, None))(
                 dict(zip(self.names, leaves, strict=True)), self.buffers, graph, template)
             (gradient,) = torch.autograd.grad(interaction.sum(), positions, create_graph=True)
-            losses = _losses(energy, -gradient, graph, padded.labels, padded.n_graphs, padded.n_atoms, weights)
+            losses = _losses(energy, -gradient, graph, padded.labels, padded.n_graphs, padded.n_labelled, weights)
             # A weight the loss does not reach gets a zero gradient, as under torch.func.
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
         return list(grads), losses.detach()

@@ -5,9 +5,10 @@ nothing here is ever re-initialised between rounds: weights, AMSGrad moments, th
 the shuffling generator and the patience counters all carry over, and ``state_dict`` captures
 all of them for checkpoint/resume.
 
-Loss. Training uses mace's own ``WeightedEnergyForcesLoss``:
+Loss. Training uses mace's ``WeightedEnergyForcesLoss``:
 ``w_E * mean_graphs(((E_pred - E_ref) / n_atoms)^2) + w_F * mean_components((F_pred - F_ref)^2)``
-(per-frame ``config_weight`` and missing labels handled as mace does). With stress labels and
+(per-frame ``config_weight`` and missing labels handled as mace does), with the force mean taken
+over labelled atoms only: a substructure's buffer atoms carry no force label (``models.losses``). With stress labels and
 ``training.stress_weight > 0`` it is mace's ``WeightedEnergyForcesStressLoss``, which adds
 ``w_S * mean_components((S_pred - S_ref)^2)`` (eV/A^3) over the frames that carry a stress: an
 NPT trajectory is driven by the committee's virial, which must be trained like its forces.
@@ -45,7 +46,6 @@ from typing import Any
 import mace  # noqa: F401  (first: sets the torch.load switch e3nn needs under torch >= 2.6)
 import torch
 from ase import Atoms
-from mace.modules import WeightedEnergyForcesLoss, WeightedEnergyForcesStressLoss
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch_ema import ExponentialMovingAverage
 
@@ -53,6 +53,7 @@ from aimspax_like.config import TrainingConfig
 from aimspax_like.errors import CampaignInterrupted
 from aimspax_like.models.ensemble import MACEEnsemble
 from aimspax_like.models.graphs import loader
+from aimspax_like.models.losses import MaskedEnergyForcesLoss, MaskedEnergyForcesStressLoss, node_force_weights
 from aimspax_like.signals import stop_requested
 
 FrameSplit = tuple[Sequence[Atoms], Sequence[Atoms]]
@@ -245,8 +246,8 @@ class EnsembleTrainer:
         self.stress_weight = float(training_cfg.stress_weight)
         # A batch without any stress label (molecules, or frames labelled without stress) trains on
         # energies and forces alone: mace's stress loss needs a predicted stress for every batch.
-        self.loss_fn = WeightedEnergyForcesLoss(training_cfg.energy_weight, training_cfg.forces_weight)
-        self.stress_loss_fn = WeightedEnergyForcesStressLoss(
+        self.loss_fn = MaskedEnergyForcesLoss(training_cfg.energy_weight, training_cfg.forces_weight)
+        self.stress_loss_fn = MaskedEnergyForcesStressLoss(
             training_cfg.energy_weight, training_cfg.forces_weight, self.stress_weight)
         for loss in (self.loss_fn, self.stress_loss_fn):
             loss.to(device=ensemble.device, dtype=ensemble.dtype)
@@ -433,8 +434,8 @@ class EnsembleTrainer:
         self.cfg = self.cfg.model_copy(update={"energy_weight": energy, "forces_weight": forces,
                                                "stress_weight": stress})
         self.stress_weight = float(stress)
-        self.loss_fn = WeightedEnergyForcesLoss(energy, forces)
-        self.stress_loss_fn = WeightedEnergyForcesStressLoss(energy, forces, stress)
+        self.loss_fn = MaskedEnergyForcesLoss(energy, forces)
+        self.stress_loss_fn = MaskedEnergyForcesStressLoss(energy, forces, stress)
         for loss in (self.loss_fn, self.stress_loss_fn):
             loss.to(device=self.ensemble.device, dtype=self.ensemble.dtype)
         try:
@@ -647,7 +648,7 @@ class EnsembleTrainer:
             n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(out["energy"].dtype)
             e_w = batch.weight * batch.energy_weight
             e_err = (out["energy"].detach() - batch.energy) / n_atoms
-            f_w = (batch.weight * batch.forces_weight)[batch.batch].unsqueeze(-1)
+            f_w = node_force_weights(batch)
             f_err = out["forces"].detach() - batch.forces
             e_sq += float((e_w * e_err**2).sum())
             e_abs += float((e_w * e_err.abs()).sum())
