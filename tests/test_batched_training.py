@@ -219,3 +219,82 @@ def test_once_a_batched_round_has_run_its_failures_are_raised(frames, initial, m
     monkeypatch.setattr(member_stack.MemberStack, "gradients", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         trainer.train_round(data, epochs=1)
+
+
+def _as_pieces(frames: list[Atoms], buffer_forces: float | None) -> list[Atoms]:
+    """Every other frame as a substructure (through ``LabelledFrame``, the campaign's path): its
+    first two atoms are the core; ``buffer_forces`` replaces the buffer atoms' reference forces."""
+    from aimspax_like.data import LabelledFrame
+
+    out = []
+    for k, atoms in enumerate(frames):
+        if k % 2:
+            out.append(atoms)
+            continue
+        forces = atoms.arrays["REF_forces"].copy()
+        mask = np.arange(len(atoms)) < 2
+        if buffer_forces is not None:
+            forces[~mask] = buffer_forces
+        frame = LabelledFrame.from_atoms(atoms, atoms.info["REF_energy"], forces, split="train", origin="al",
+                                         trajectory=0, md_step=k, piece=0, force_mask=mask,
+                                         parent_index=np.arange(len(atoms)) + 100)
+        out.append(frame.to_atoms())
+    return out
+
+
+def _piece_data(frames: list[Atoms], buffer_forces: float | None) -> list[tuple[list[Atoms], list[Atoms]]]:
+    return [(_as_pieces(train, buffer_forces), _as_pieces(valid, buffer_forces))
+            for train, valid in _member_data(frames)]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
+def test_buffer_atoms_forces_do_not_enter_the_loss(frames, initial, batched):
+    """Substructures whose buffer atoms carry absurd reference forces train exactly like the same
+    substructures with the true ones: only core forces are labels (and no piece energy is)."""
+    true_buffer = _trainer(initial, batched=batched)
+    absurd_buffer = _trainer(initial, batched=batched)
+    expected = true_buffer.train_round(_piece_data(frames, None), epochs=2)
+    got = absurd_buffer.train_round(_piece_data(frames, 1.0e3), epochs=2)
+    _assert_same([vars(m) for m in got], [vars(m) for m in expected], "metrics")
+    _assert_same(absurd_buffer.state_dict(), true_buffer.state_dict())
+    # Not vacuous: the same absurd forces on whole frames change training by far more than round-off.
+    whole = [(list(train), list(valid)) for train, valid in _member_data(frames)]
+    spoiled = [([_with_forces(a, 1.0e3, k) for k, a in enumerate(train)], valid) for train, valid in whole]
+    clean, dirty = _trainer(initial, batched=batched), _trainer(initial, batched=batched)
+    clean.train_round(whole, epochs=2)
+    dirty.train_round(spoiled, epochs=2)
+    assert _max_rel_error(dirty.state_dict(), clean.state_dict()) > 1e-3
+
+
+def _with_forces(atoms: Atoms, value: float, k: int) -> Atoms:
+    """A whole frame whose atoms past the first two carry ``value`` as reference force (even k)."""
+    atoms = atoms.copy()
+    if k % 2 == 0:
+        atoms.arrays["REF_forces"][2:] = value
+    return atoms
+
+
+def test_batched_round_equals_the_sequential_round_with_substructures(frames, initial):
+    data = _piece_data(frames, None)
+    sequential, batched = _trainer(initial, batched=False), _trainer(initial, batched=True)
+    expected = sequential.train_round(data, epochs=2)
+    got = batched.train_round(data, epochs=2)
+    _assert_same([vars(m) for m in got], [vars(m) for m in expected], "metrics")
+    _assert_same(batched.state_dict(), sequential.state_dict())
+
+
+def test_the_masked_force_term_counts_core_atoms_like_whole_frame_atoms(frames, initial):
+    """The force mean divides by labelled atoms: a piece whose core is all its atoms is a whole frame."""
+    from aimspax_like.models.losses import masked_mean_squared_error_forces
+
+    graphs = initial.graphs
+    whole = [frames[0], frames[1]]
+    pieces = _as_pieces(whole, None)
+    batch = graphs.batch(pieces, initial.device)
+    pred = {"forces": torch.zeros_like(batch.forces)}
+    squared = batch.forces.square().sum(dim=1)
+    core = batch.force_mask.bool()
+    assert core.sum() == 2 + len(frames[1])
+    assert torch.isclose(masked_mean_squared_error_forces(batch, pred), squared[core].mean() / 3)
+    unmasked = graphs.batch(whole, initial.device)
+    assert torch.isclose(masked_mean_squared_error_forces(unmasked, pred), unmasked.forces.square().mean())
