@@ -24,6 +24,7 @@ from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
 from aimspax_like.label_gate import EnergyGate
+from aimspax_like.piece_planner import PiecePlanner
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.scheduler import ALScheduler
 from aimspax_like.state import AL_CHECKPOINT, Checkpointer, load_checkpoint
@@ -43,7 +44,7 @@ def _energy_gate(ctx: RunContext, frames: list[LabelledFrame]) -> EnergyGate | N
     hottest = max(ctx.config.al.md_for(k).temperature_K for k in range(ctx.config.al.num_trajectories))
     gate = EnergyGate(limit, temperature_K=hottest)
     for frame in frames:
-        if frame.split in ("train", "valid"):
+        if frame.split in ("train", "valid") and not frame.is_piece:
             gate.add(frame.numbers, frame.energy, reference=frame.origin == "idg")
     return gate
 
@@ -62,6 +63,15 @@ def _budget(ctx: RunContext, stored: list[LabelledFrame]) -> tuple[Callable[[], 
     own = Counter(f.member for f in stored if f.split == "train" and f.member >= 0)
     largest, everyone = max(own.values(), default=0), sum(own.values())
     return (lambda: ctx.train_size() - everyone + largest), "the largest member's training set"
+
+
+def _planner(ctx: RunContext, committee: Committee) -> PiecePlanner | None:
+    """``al.substructures``: the planner, its core radius defaulting to the receptive field."""
+    config = ctx.config.al.substructures
+    if not config.enabled:
+        return None
+    model = ctx.config.model
+    return PiecePlanner(config, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=ctx.config.seed)
 
 
 def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
@@ -94,7 +104,7 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
         seed=ctx.config.seed,
         on_progress=ctx.on_progress, should_stop=ctx.should_stop,
         guards=_guards(config.guards), energy_gate=_energy_gate(ctx, stored), trust_factor=config.guards.trust_factor,
-        labeller=ctx.labeller,
+        labeller=ctx.labeller, planner=_planner(ctx, committee),
     )
     scheduler.held = [
         (f.to_atoms(), LabelResult(f.energy, f.forces, f.stress, None, 0.0),
@@ -106,10 +116,11 @@ def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:
     checkpoint = ctx.paths.state / AL_CHECKPOINT
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        stored_splits = {(f.trajectory, f.md_step): f.split for f in al_frames}
-        forces = {(f.origin, f.trajectory, f.md_step): f.forces for f in stored if f.origin in ("al", "analysis")}
+        stored_splits = {(f.trajectory, f.md_step, f.piece): f.split for f in al_frames}
+        forces = {(f.origin, f.trajectory, f.md_step): f.forces for f in stored
+                  if f.origin in ("al", "analysis") and not f.is_piece}
         counts = scheduler.load_state_dict(
-            state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"])),
+            state["al"], lambda p: stored_splits.get((p["trajectory"], p["md_step"], p.get("piece", -1))),
             stored_forces=lambda origin, trajectory, step: forces.get((origin, trajectory, step)),
         )
         ctx.events.emit("phase_resume", phase="al", checkpoint_event=state.get("event"), **counts)

@@ -532,6 +532,56 @@ class RoundsConfig(_Strict):
     full_every: int = Field(8, ge=1, description="Every full_every-th AL round is a full pass (replay).")
 
 
+class SubstructureConfig(_Strict):
+    """Label the uncertain substructures of a large frame instead of the frame (IDEAL's scheme).
+
+    A frame of at least ``min_atoms`` atoms that Eq. 1 sends to the reference is not labelled
+    whole: the atoms whose own Eq. 1 term exceeds ``atom_threshold`` (default: the AL threshold)
+    are grouped (atoms within ``group_radius`` of the most uncertain one share a piece; at most
+    ``max_per_frame`` pieces), and around each group a piece is carved: a core of every atom
+    within ``core_radius`` of a grouped atom, whose forces become labels, and a buffer of
+    ``buffer`` more angstroms, whose forces do not. Each piece is labelled on its own, stored with
+    its parent frame, core mask and parent atom indices, and trains on its core forces only.
+    """
+
+    enabled: bool = Field(False, description="true: large frames are labelled as substructures.")
+    min_atoms: int = Field(200, ge=1, description="Frames with fewer atoms are labelled whole.")
+    core_radius: float | None = Field(
+        None, gt=0, description="A; atoms this close to an uncertain atom are the core (their forces train). "
+        "null: the model's receptive field, model.r_max x model.num_interactions.",
+    )
+    buffer: float = Field(
+        6.0, ge=0, description="A of buffer shell around the core; its atoms give the core its neighbours and "
+        "their forces are not used. Measure what your reference needs: workflows/ideal_locality.py.",
+    )
+    group_radius: float | None = Field(
+        None, ge=0, description="A; uncertain atoms this close to a piece's centre share it. null: core_radius.",
+    )
+    max_per_frame: int = Field(2, ge=1, description="Pieces carved from one frame at most (most uncertain first).")
+    atom_threshold: float | None = Field(
+        None, gt=0, description="Per-atom uncertainty (eV/A, Eq. 1's term) marking an atom uncertain; "
+        "null: the AL threshold at the time of the check.",
+    )
+    box: Literal["auto", "vacuum", "periodic"] = Field(
+        "auto", description="vacuum: the piece is a cluster (molecules, clusters, surfaces); periodic: a "
+        "hexahedral box cut from a bulk frame, periodic itself; auto: periodic when the frame is periodic "
+        "in all three directions and the box fits its minimum image, else vacuum.",
+    )
+    crop_tries: int = Field(
+        32, ge=1, description="Random crop boundaries tried for a periodic box (no atoms too close across "
+        "its faces, stoichiometry closest to the frame's).",
+    )
+    cap_hydrogen: bool = Field(
+        False, description="Vacuum pieces: put a hydrogen on every covalent bond the carving cut (molecular "
+        "systems); the caps are buffer atoms.",
+    )
+    relax_buffer_steps: int = Field(
+        0, ge=0, description="Steps of gradient descent of the committee's disagreement on the buffer atoms "
+        "(core frozen) before labelling: IDEAL's in-distribution embedding. 0: off.",
+    )
+    relax_buffer_max_step: float = Field(0.05, gt=0, description="A; largest move of a buffer atom per step.")
+
+
 class ALConfig(_Strict):
     """Parallel active learning (Eq. 1, Eq. 2 and the per-trajectory state machine)."""
 
@@ -583,6 +633,7 @@ class ALConfig(_Strict):
     )
     failures: LabelFailurePolicy = Field(default_factory=LabelFailurePolicy)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    substructures: SubstructureConfig = Field(default_factory=SubstructureConfig)
     md: MDConfig | list[MDConfig] = Field(
         default_factory=MDConfig,
         description="One block for every trajectory, or a list with one block per trajectory (mixed ensembles "

@@ -117,8 +117,9 @@ class RunContext:
             self.events.emit("frame_duplicate", origin=key[0], trajectory=key[1], md_step=key[2], piece=key[3])
             return next(f for f in self.store.frames(origin=key[0])
                         if (f.trajectory, f.md_step, f.piece) == key[1:])
+        stress = None if int(provenance.get("piece", -1)) >= 0 else result.stress  # a piece's is not a label
         frame = LabelledFrame.from_atoms(
-            atoms, result.energy, result.forces, result.stress, split=split,
+            atoms, result.energy, result.forces, stress, split=split,
             reference=self.fingerprint, label_wall_s=result.wall_s, **provenance,
         )
         with self.clock.measure("io"):  # the durable write (and its fsync): the profile's 'io'

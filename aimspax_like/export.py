@@ -4,6 +4,11 @@
 
     train.xyz valid.xyz test.xyz       extended XYZ per split, labels under REF_energy,
                                        REF_forces, REF_stress (mace_run_train's default keys)
+    substructures.xyz                  the substructures labelled for large frames (any split):
+                                       REF_forces, with the force_mask column true for the core
+                                       atoms whose forces are labels, parent_index, piece_energy.
+                                       Kept apart because mace_run_train cannot mask atoms: it
+                                       would train on the buffer's forces and the piece's energy
     models/best.model                  MACE model files, copied (--model best|members|all)
     models/member_<k>.model
     models/best.model-lammps.pt        a LAMMPS (pair_style mace) model, made by mace's own
@@ -43,7 +48,7 @@ from aimspax_like.errors import SetupError
 
 COMMANDS = ("export",)
 SPLITS_EXPORTED = ("train", "valid", "test")
-PRODUCED = ("train.xyz", "valid.xyz", "test.xyz", "models", "manifest.json")
+PRODUCED = ("train.xyz", "valid.xyz", "test.xyz", "substructures.xyz", "models", "manifest.json")
 # mace-torch 0.3.16's mace_run_train reads these keys by default (mace/tools/default_keys.py).
 MACE_KEYS = {"energy_key": "REF_energy", "forces_key": "REF_forces", "stress_key": "REF_stress"}
 LAMMPS_TIMEOUT_S = 600
@@ -118,7 +123,7 @@ def export_command(args: argparse.Namespace) -> int:
     from aimspax_like.data.xyz import export_extxyz
 
     written: list[Path] = []
-    for split in SPLITS_EXPORTED:
+    for split in (*SPLITS_EXPORTED, "substructures"):
         if frames.get(split):
             path = export_extxyz(frames[split], out / f"{split}.xyz")
             path.chmod(0o644)  # written through a private temp file; an export is meant to be shared
@@ -151,7 +156,7 @@ def _frames(run_dir: Path) -> dict[str, list]:
     frames = DatasetStore.open(run_dir / "data" / "dataset.h5").frames()
     by_split: dict[str, list] = {}
     for frame in frames:
-        by_split.setdefault(frame.split, []).append(frame)
+        by_split.setdefault("substructures" if frame.is_piece else frame.split, []).append(frame)
     return by_split
 
 
@@ -284,6 +289,7 @@ def _manifest(run_dir: Path, kind: str, out: Path, frames: dict[str, list],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"path": str(run_dir), "kind": kind},
         "frames": counts,
+        "substructures": len(frames.get("substructures", [])),
         "not_exported": skipped,
         "references": references,
         "mace_keys": MACE_KEYS,

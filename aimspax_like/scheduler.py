@@ -22,6 +22,12 @@ A failed label is retried as ``al.failures`` says (crashes once by default), els
 its trajectory restarts from its checkpoint geometry: the last frame that was labelled
 successfully (the start structure before that).
 
+Large frames (``al.substructures``): a frame the uncertainty sends to the reference may be
+labelled as a few substructures carved around its uncertain atoms instead (``PiecePlanner``).
+Each piece is a label of its own (same folders, seeds, retries and events, ``piece`` in them),
+and the frame counts as labelled once its last piece has come back: the trajectory trains and
+moves on if at least one piece was stored, and rewinds if none was, as for a failed label.
+
 Observers (``observers``, called with an event name after every submitted label, every label
 that came back and every training round) let the campaign checkpoint without the loop knowing
 about files; ``should_stop`` (a signal flag) makes the loop save and stop cleanly. What such a
@@ -35,6 +41,7 @@ The scheduler only sees a ``CommitteeLike`` (forces for a batch, add a frame, tr
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -53,6 +60,7 @@ from aimspax_like.ground_truth import AnalysisPoints, Probe
 from aimspax_like.guards import FiniteGuard, Guard, first_failure
 from aimspax_like.label_gate import EnergyGate
 from aimspax_like.labelling import Labeller, outcome_of
+from aimspax_like.piece_planner import PiecePlanner
 from aimspax_like.reference.results import LabelFailure, LabelOutcome
 from aimspax_like.sampling.dynamics import MDState, maxwell_boltzmann, step_batch
 from aimspax_like.scheduler_checkpoint import SchedulerCheckpoint
@@ -107,6 +115,16 @@ class Trajectory:
 
 
 @dataclass
+class PieceGroup:
+    """The pieces of one frame still in flight: ``parent`` is the frame (its trajectory's
+    checkpoint once any piece is stored), ``left`` pieces to come back, ``stored`` so far."""
+
+    parent: Atoms
+    left: int
+    stored: int = 0
+
+
+@dataclass
 class ALResult:
     reason: str
     md_steps: int
@@ -140,6 +158,7 @@ class ALScheduler(SchedulerCheckpoint):
         energy_gate: EnergyGate | None = None,
         trust_factor: float | None = None,
         labeller: Labeller | None = None,
+        planner: PiecePlanner | None = None,
     ) -> None:
         self.config = config
         self.committee = committee
@@ -185,6 +204,8 @@ class ALScheduler(SchedulerCheckpoint):
         )
         self._probes: dict[int, tuple[Atoms, Probe]] = {}  # trajectory -> this step's analysis frame
         self._rejected: set[int] = set()  # trajectories whose frame the energy gate refused this step
+        self.planner = planner  # al.substructures: large frames are labelled as pieces
+        self._groups: dict[tuple[int, int], PieceGroup] = {}  # (trajectory, md_step) -> pieces in flight
 
     def _notify(self, event: str) -> None:
         for observer in self.observers:
@@ -396,10 +417,13 @@ class ALScheduler(SchedulerCheckpoint):
         return trajectory.labels_in_flight < self.config.labels_per_trajectory
 
     def _submit(self, trajectory: Trajectory, delta: float, threshold: float) -> None:
-        label_id = self._next_label
-        self._next_label += 1
         frame = trajectory.md.atoms.copy()
         frame.calc = None
+        if self.planner is not None and self.planner.applies(frame) and self._submit_pieces(
+                trajectory, frame, delta, threshold):
+            return
+        label_id = self._next_label
+        self._next_label += 1
         provenance = {
             "origin": "al", "trajectory": trajectory.index, "md_step": trajectory.md.step,
             "uncertainty": delta,
@@ -419,6 +443,65 @@ class ALScheduler(SchedulerCheckpoint):
             with self.clock.measure("waiting"):
                 while label_id in self._in_flight and not self.should_stop():
                     self._take_finished(block=True)
+
+    def _submit_pieces(self, trajectory: Trajectory, frame: Atoms, delta: float, threshold: float) -> bool:
+        """Send the pieces of ``frame`` to the reference; False: label the frame whole after all."""
+        started = time.perf_counter()
+        plan = self.planner.plan(frame, trajectory.md.member_forces, threshold)
+        carve_s = time.perf_counter() - started
+        step = trajectory.md.step
+        if not plan.pieces:
+            self.events.emit("substructures_skipped", trajectory=trajectory.index, step=step, reason=plan.reason,
+                             atoms=len(frame))
+            return False
+        self.events.emit(
+            "substructures", trajectory=trajectory.index, step=step, atoms=len(frame),
+            uncertain_atoms=plan.uncertain_atoms, pieces=[len(p.atoms) for p in plan.pieces],
+            core=[p.n_core for p in plan.pieces], periodic=bool(np.all(plan.pieces[0].atoms.pbc)),
+            carve_s=round(carve_s, 4),
+            **{key: [float(p.info[key]) for p in plan.pieces] for key in
+               ("buffer_uncertainty_before", "buffer_uncertainty_after", "caps", "closest_pair")
+               if key in plan.pieces[0].info},
+        )
+        self._groups[(trajectory.index, step)] = PieceGroup(frame, len(plan.pieces))
+        if not self.continues:
+            self._set_status(trajectory, Status.WAITING)
+        for k, piece in enumerate(plan.pieces):
+            label_id = self._next_label
+            self._next_label += 1
+            provenance = {
+                "origin": "al", "trajectory": trajectory.index, "md_step": step, "uncertainty": delta,
+                "piece": k, "force_mask": piece.core.tolist(), "parent_index": piece.parent_indices.tolist(),
+            }
+            self.events.emit(
+                "label_submitted", phase="al", label=label_id, trajectory=trajectory.index, step=step,
+                delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1, piece=k,
+                atoms=len(piece.atoms), core=piece.n_core,
+            )
+            self.launch(label_id, trajectory.index, piece.atoms, provenance)
+        self._notify("submitted")
+        if self.config.mode == "serial":
+            with self.clock.measure("waiting"):
+                while (trajectory.index, step) in self._groups and not self.should_stop():
+                    self._take_finished(block=True)
+        return True
+
+    def _piece_back(self, trajectory: Trajectory, provenance: dict[str, Any], stored: bool) -> None:
+        """One piece came back (stored, or failed for good): once it was its frame's last, the
+        frame counts as labelled if any piece was stored, else the trajectory rewinds."""
+        key = (trajectory.index, int(provenance["md_step"]))
+        group = self._groups.get(key)
+        if group is None:  # cannot happen within one process; a checkpoint keeps its groups
+            return
+        group.left -= 1
+        group.stored += int(stored)
+        if group.left > 0:
+            return
+        del self._groups[key]
+        if group.stored:
+            self._after_stored(trajectory, group.parent)
+        else:
+            self._rewind_if_waiting_on_it(trajectory)
 
     def launch(self, label_id: int, index: int, frame: Atoms, provenance: dict[str, Any]) -> None:
         """Send one frame to the reference (also on a retry, and on resume for labels in flight)."""
@@ -474,10 +557,16 @@ class ALScheduler(SchedulerCheckpoint):
             trajectory.labels_failed += 1
             if self.analysis is not None:
                 self.analysis.al_label_dropped(label_id)
-            self._rewind_if_waiting_on_it(trajectory)
+            if provenance.get("piece", -1) >= 0:
+                self._piece_back(trajectory, provenance, stored=False)
+            else:
+                self._rewind_if_waiting_on_it(trajectory)
             self._notify("label")
             return
         self.labeller.record_success(outcome)
+        if provenance.get("piece", -1) >= 0:
+            self._store_piece(trajectory, label_id, frame, outcome, provenance, others)
+            return
         if self.analysis is not None:
             self.analysis.al_label_stored(label_id, outcome.forces)
         outlier = self.energy_gate.outlier(frame.numbers, outcome.energy) if self.energy_gate else None
@@ -505,6 +594,20 @@ class ALScheduler(SchedulerCheckpoint):
         self._release_held(frame.numbers, outcome.energy)
         self._notify("label")
 
+    def _store_piece(self, trajectory: Trajectory, label_id: int, frame: Atoms, outcome: Any,
+                     provenance: dict[str, Any], others: int) -> None:
+        """A piece's label: stored and trained on (core forces only). The energy gate does not
+        see it: a piece's energy includes its cut surface and compares with nothing else."""
+        stored = self.sink(frame, outcome, provenance)
+        self.committee.add(stored)
+        self.events.emit(
+            "label_done", phase="al", label=label_id, trajectory=trajectory.index, split=stored.split,
+            **outcome.cost(), energy=outcome.energy, train_size=self.train_set_size(),
+            others_md_steps=others, piece=int(provenance["piece"]), atoms=len(frame),
+        )
+        self._piece_back(trajectory, provenance, stored=True)
+        self._notify("label")
+
     def _release_held(self, numbers: np.ndarray, accepted_energy: float) -> None:
         """Held labels that an accepted label now confirms join training (in the order found)."""
         if self.energy_gate is None:
@@ -528,7 +631,8 @@ class ALScheduler(SchedulerCheckpoint):
         all0, own0 = self._steps_at_launch.pop(label_id, (self._total_steps(), trajectory.md.step))
         return (self._total_steps() - all0) - (trajectory.md.step - own0)
 
-    def adopt(self, label_id: int, index: int, frame: Atoms, held: bool = False) -> None:
+    def adopt(self, label_id: int, index: int, frame: Atoms, held: bool = False,
+              provenance: dict[str, Any] | None = None) -> None:
         """A label of a checkpoint that was stored before the kill: count it, never store it again.
 
         The frame is already in the dataset (and in the committee, which is rebuilt from it,
@@ -536,6 +640,9 @@ class ALScheduler(SchedulerCheckpoint):
         """
         self.events.emit("label_adopted", label=label_id, trajectory=index, held=held)
         trajectory = self.trajectories[index]
+        if provenance is not None and provenance.get("piece", -1) >= 0:
+            self._piece_back(trajectory, provenance, stored=True)
+            return
         if held:
             trajectory.labels_held += 1
             self._rewind_if_waiting_on_it(trajectory)

@@ -25,8 +25,9 @@ class SchedulerCheckpoint:
         """Everything needed to continue from here: trajectories (geometry, momenta, thermostat
         chain, step, RNG, status, checkpoint geometry, counters), the labels in flight (frame and
         provenance, so they can be submitted again), the threshold window, the counters and the
-        committee's own state. Held labels and the energy gate are not in it: they are rebuilt
-        from the dataset, which has them already.
+        committee's own state, and the frames whose substructures are in flight (each piece is a
+        label in flight of its own). Held labels and the energy gate are not in it: they are
+        rebuilt from the dataset, which has them already.
         """
         trajectories = []
         for t in self.trajectories:
@@ -48,6 +49,11 @@ class SchedulerCheckpoint:
             "training_debt": self.training_debt, "attempts": dict(self.attempts),
             "committee": committee_state() if committee_state is not None else None,
             "analysis": None if self.analysis is None else self.analysis.state_dict(),
+            "piece_groups": [
+                {"trajectory": index, "md_step": step, "parent": atoms_to_arrays(group.parent),
+                 "left": group.left, "stored": group.stored}
+                for (index, step), group in sorted(self._groups.items())
+            ],
         }
 
     def load_state_dict(
@@ -84,12 +90,19 @@ class SchedulerCheckpoint:
         self.training_rounds = state["training_rounds"]
         self.training_debt = state["training_debt"]
         self.attempts = dict(state.get("attempts", {}))
+        from aimspax_like.scheduler import PieceGroup
+
+        self._groups = {
+            (g["trajectory"], g["md_step"]): PieceGroup(atoms_from_arrays(g["parent"]), g["left"], g["stored"])
+            for g in state.get("piece_groups", [])
+        }
         counts = {"adopted": 0, "resubmitted": 0}
         for label in state["in_flight"]:
             frame = atoms_from_arrays(label["frame"])
             stored = is_stored(label["provenance"])
             if stored:
-                self.adopt(label["label"], label["trajectory"], frame, held=stored == "held")
+                self.adopt(label["label"], label["trajectory"], frame, held=stored == "held",
+                           provenance=label["provenance"])
                 counts["adopted"] += 1
             else:
                 self.launch(label["label"], label["trajectory"], frame, label["provenance"])

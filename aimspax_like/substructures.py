@@ -12,9 +12,12 @@ piece serves them, and carve around each group a piece that holds
   they have in the frame, so the reference sees the same local environments there.
 
 A piece of a periodic frame is cut out with minimum-image distances and unwrapped around its
-first centre, so it comes out whole, in vacuum (clusters, molecules and, with a buffer wider
-than the reference's own reach, bulk). How large the buffer must be is a property of the
-reference: ``force_locality`` measures it (IDEAL's locality check).
+first centre, so it comes out whole: ``carve`` leaves it in vacuum (clusters, molecules,
+surfaces; ``cap_cut_bonds`` puts hydrogens on the covalent bonds it cut), ``crop_periodic`` cuts
+a hexahedral box that is periodic itself (bulk: no surface at all, IDEAL's crop), choosing
+among randomly shifted boundaries one where no atoms meet too closely across the box faces and
+the stoichiometry stays closest to the frame's. How large the buffer must be is a property of
+the reference: ``force_locality`` measures it (IDEAL's locality check).
 
 Pure geometry on ASE ``Atoms`` and NumPy arrays: no model, no reference, no I/O.
 """
@@ -28,8 +31,8 @@ import numpy as np
 from ase import Atoms
 from ase.geometry import get_distances
 
-__all__ = ["Group", "Substructure", "carve", "distances_from", "force_locality", "group_uncertain_atoms",
-           "min_width"]
+__all__ = ["Group", "Substructure", "cap_cut_bonds", "carve", "crop_periodic", "distances_from", "force_locality",
+           "group_uncertain_atoms", "min_width"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,112 @@ def carve(atoms: Atoms, centres: Sequence[int], core_radius: float, buffer: floa
     piece = Atoms(numbers=atoms.numbers[keep], positions=positions, pbc=False)
     info = {"core_radius": float(core_radius), "buffer": float(buffer)}
     return Substructure(piece, keep, core, tuple(centres), info)
+
+
+def _nearest_centre(atoms: Atoms, centres: Sequence[int]) -> np.ndarray:
+    nearest = np.full(len(atoms), np.inf)
+    for c in centres:
+        _, lengths = distances_from(atoms, int(c))
+        nearest = np.minimum(nearest, lengths)
+    return nearest
+
+
+def _composition_gap(numbers: np.ndarray, reference: np.ndarray) -> float:
+    """L1 distance between the element fractions of ``numbers`` and of ``reference``."""
+    elements = np.union1d(numbers, reference)
+    mine = np.array([np.mean(numbers == z) for z in elements])
+    theirs = np.array([np.mean(reference == z) for z in elements])
+    return float(np.abs(mine - theirs).sum())
+
+
+def _closest_pair(positions: np.ndarray, cell: np.ndarray | None) -> float:
+    if len(positions) < 2:
+        return np.inf
+    _, lengths = get_distances(positions, cell=cell, pbc=None if cell is None else True)
+    np.fill_diagonal(lengths, np.inf)
+    return float(lengths.min())
+
+
+def crop_periodic(
+    atoms: Atoms, centres: Sequence[int], core_radius: float, buffer: float,
+    rng: np.random.Generator | None = None, tries: int = 32, jitter: float = 1.0,
+) -> Substructure:
+    """A periodic hexahedral box cut out of a periodic frame around ``centres`` (IDEAL's crop).
+
+    The box holds every core atom (within ``core_radius`` of a centre) with at least ``buffer``
+    to each face, so within ``buffer`` a core atom sees the frame's own atoms. The box becomes
+    the piece's cell: across its faces atoms meet neighbours that were not there in the frame,
+    which is harmless for the core beyond ``buffer`` but must not put two atoms on top of each
+    other. ``tries`` boundary placements, each face pushed out by up to ``jitter`` A at random
+    (the first try unshifted), are scored: no pair across the faces closer than 0.8 times the
+    closest pair of the frame's piece, then the element fractions closest to the frame's, then
+    the widest closest pair. ``info`` reports the chosen box's closest pair and composition gap.
+    """
+    if not centres:
+        raise ValueError("crop_periodic needs at least one centre")
+    if not np.all(atoms.pbc):
+        raise ValueError("crop_periodic cuts boxes out of frames periodic in all three directions")
+    rng = rng or np.random.default_rng(0)
+    centres = [int(c) for c in centres]
+    to_origin, _ = distances_from(atoms, centres[0])
+    core = _nearest_centre(atoms, centres) <= core_radius
+    lo = to_origin[core].min(axis=0) - buffer
+    hi = to_origin[core].max(axis=0) + buffer
+    if np.any(hi - lo + 2 * jitter >= min_width(atoms)):
+        raise ValueError(f"a box of {np.max(hi - lo):.1f} A does not fit the minimum image of this cell "
+                         f"(narrowest width {min_width(atoms):.2f} A)")
+    # Atoms that may fall into any of the boxes: their minimum-image vectors are the piece's positions.
+    near = np.flatnonzero(np.all((to_origin >= lo - jitter - 1e-9) & (to_origin < hi + jitter), axis=1))
+    closest = _closest_pair(to_origin[near], None)
+    best: tuple[tuple[float, float, float], np.ndarray, np.ndarray] | None = None
+    for attempt in range(max(1, int(tries))):
+        push = np.zeros((2, 3)) if attempt == 0 else rng.uniform(0.0, jitter, size=(2, 3))
+        low, high = lo - push[0], hi + push[1]
+        inside = near[np.all((to_origin[near] >= low) & (to_origin[near] < high), axis=1)]
+        cell = np.diag(high - low)
+        seam = _closest_pair(to_origin[inside] - low, cell)
+        score = (float(seam < 0.8 * closest), _composition_gap(atoms.numbers[inside], atoms.numbers), -seam)
+        if best is None or score < best[0]:
+            best = (score, inside, np.array([low, high]))
+    assert best is not None
+    (too_close, gap, seam), keep, (low, high) = best[0], best[1], best[2]
+    piece = Atoms(numbers=atoms.numbers[keep], positions=to_origin[keep] - low, cell=np.diag(high - low), pbc=True)
+    info = {"core_radius": float(core_radius), "buffer": float(buffer), "closest_pair": -seam,
+            "composition_gap": gap, "seam_too_close": too_close}
+    return Substructure(piece, keep, core[keep], tuple(centres), info)
+
+
+def cap_cut_bonds(parent: Atoms, piece: Substructure, slack: float = 1.15) -> Substructure:
+    """Hydrogen caps on the covalent bonds that carving a vacuum piece cut.
+
+    A kept atom ``i`` and a dropped atom ``j`` closer than ``slack`` times the sum of their
+    covalent radii were bonded; a hydrogen goes on the line from ``i`` to ``j`` at the i-H bond
+    length (sum of covalent radii). Hydrogen atoms are not capped. The caps are buffer atoms
+    (their forces never train) and have parent index -1.
+    """
+    from ase.data import covalent_radii
+
+    if np.any(piece.atoms.pbc):
+        raise ValueError("cap_cut_bonds caps vacuum pieces (carve), not periodic boxes")
+    kept = np.zeros(len(parent), dtype=bool)
+    kept[piece.parent_indices] = True
+    caps = []
+    for local, i in enumerate(piece.parent_indices):
+        if parent.numbers[i] == 1:
+            continue
+        vectors, lengths = distances_from(parent, int(i))
+        bonded = (~kept) & (lengths > 0) & (parent.numbers != 0)
+        bonded &= lengths < slack * (covalent_radii[parent.numbers[i]] + covalent_radii[parent.numbers])
+        for j in np.flatnonzero(bonded):
+            bond = covalent_radii[parent.numbers[i]] + covalent_radii[1]
+            caps.append(piece.atoms.positions[local] + bond * vectors[j] / lengths[j])
+    if not caps:
+        return piece
+    atoms = piece.atoms.copy()
+    atoms += Atoms(numbers=[1] * len(caps), positions=np.array(caps))
+    return Substructure(atoms, np.concatenate([piece.parent_indices, np.full(len(caps), -1)]),
+                        np.concatenate([piece.core, np.zeros(len(caps), dtype=bool)]), piece.centres,
+                        {**piece.info, "caps": float(len(caps))})
 
 
 def force_locality(

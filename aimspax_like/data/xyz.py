@@ -27,7 +27,10 @@ from aimspax_like.errors import SetupError
 
 
 def _frame_text(frame: LabelledFrame) -> str:
-    info: dict[str, Any] = {"REF_energy": frame.energy}
+    # A substructure's energy is no label (its cut surface is in it): written as piece_energy,
+    # with the core mask and parent indices as columns (see LabelledFrame.to_atoms).
+    info: dict[str, Any] = {"piece_energy": frame.energy, "piece": frame.piece} if frame.is_piece else {
+        "REF_energy": frame.energy}
     if frame.stress is not None:
         info["REF_stress"] = frame.stress
     for key in PROVENANCE_KEYS:
@@ -41,13 +44,17 @@ def _frame_text(frame: LabelledFrame) -> str:
                 value = "_JSON " + json.dumps(value)
         info[key] = value
     info["pbc"] = frame.pbc
-    header = "Properties=species:S:1:pos:R:3:REF_forces:R:3 " + key_val_dict_to_str(info)
+    columns = "species:S:1:pos:R:3:REF_forces:R:3" + (":force_mask:L:1:parent_index:I:1" if frame.is_piece else "")
+    header = f"Properties={columns} " + key_val_dict_to_str(info)
     if frame.cell.any():
         # extxyz stores the cell's rows one after another, which is ASE's ``cell.T`` in F order.
         header = 'Lattice="' + " ".join(repr(float(x)) for x in frame.cell.reshape(9)) + '" ' + header
     lines = [str(len(frame)), header]
-    for z, pos, force in zip(frame.numbers, frame.positions, frame.forces, strict=True):
-        lines.append(" ".join([chemical_symbols[z], *(repr(float(x)) for x in (*pos, *force))]))
+    for k, (z, pos, force) in enumerate(zip(frame.numbers, frame.positions, frame.forces, strict=True)):
+        row = [chemical_symbols[z], *(repr(float(x)) for x in (*pos, *force))]
+        if frame.is_piece:
+            row += ["T" if frame.force_mask[k] else "F", str(int(frame.parent_index[k]))]
+        lines.append(" ".join(row))
     return "\n".join(lines) + "\n"
 
 
