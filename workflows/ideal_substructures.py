@@ -205,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arm, pieces, _ in args.arms:
         if pieces and whole is not None:
             r = rows[arm]
-            print(f"{arm}/whole: atoms labelled {r['atoms_labelled'] / whole['atoms_labelled']:.2f}, N^3 cost "
-                  f"{r['cubic_cost'] / whole['cubic_cost']:.3f}, held-out force MAE {r['force_mae'] / whole['force_mae']:.2f}")
+            print(f"{arm}/whole: atoms labelled {r['atoms_labelled'] / whole['atoms_labelled']:.2f}, "
+                  f"N^3 cost {r['cubic_cost'] / whole['cubic_cost']:.3f}, "
+                  f"held-out force MAE {r['force_mae'] / whole['force_mae']:.2f}")
     print(f"({time.perf_counter() - started:.0f} s)")
     (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                   "arms": rows}, indent=2))
