@@ -23,6 +23,7 @@ import numpy as np
 from ase import Atoms
 
 from aimspax_like.substructures import (
+    CROP_JITTER,
     Substructure,
     cap_cut_bonds,
     carve,
@@ -62,7 +63,7 @@ class PiecePlanner:
     def periodic(self, atoms: Atoms) -> bool:
         box = self.config.box
         if box == "auto":
-            reach = 2 * (self.core_radius + self.config.buffer) + 2.0
+            reach = 2 * (self.core_radius + self.config.buffer + CROP_JITTER)
             return bool(np.all(atoms.pbc)) and reach < min_width(atoms)
         return box == "periodic"
 
@@ -89,9 +90,15 @@ class PiecePlanner:
 
     def _piece(self, atoms: Atoms, centres: tuple[int, ...]) -> Substructure:
         cfg = self.config
+        piece = None
         if self.periodic(atoms):
-            piece = crop_periodic(atoms, centres, self.core_radius, cfg.buffer, rng=self.rng, tries=cfg.crop_tries)
-        else:
+            try:
+                piece = crop_periodic(atoms, centres, self.core_radius, cfg.buffer, rng=self.rng, tries=cfg.crop_tries)
+            except ValueError:
+                if cfg.box == "periodic":
+                    raise
+                # auto: the cores of a group spread wider than one centre's; a sphere in vacuum still fits
+        if piece is None:
             piece = carve(atoms, centres, self.core_radius, cfg.buffer)
             if cfg.cap_hydrogen:
                 piece = cap_cut_bonds(atoms, piece)

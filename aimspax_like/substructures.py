@@ -155,21 +155,42 @@ def _closest_pair(positions: np.ndarray, cell: np.ndarray | None) -> float:
     return float(lengths.min())
 
 
+CROP_JITTER = 1.5  # A a periodic crop's faces may move out: half a typical lattice period
+
+
+def _face_gap(points: np.ndarray, axis: int, low: float, high: float, reach: float = 3.5) -> float:
+    """Closest approach across the two faces of one axis once the box is periodic along it:
+    atoms within ``reach`` of the low face against those within ``reach`` of the high face,
+    moved down by the box length."""
+    inside = points[(points[:, axis] >= low) & (points[:, axis] < high)]
+    bottom = inside[inside[:, axis] < low + reach]
+    top = inside[inside[:, axis] >= high - reach].copy()
+    if not len(bottom) or not len(top):
+        return np.inf
+    top[:, axis] -= high - low
+    return float(np.min(np.linalg.norm(bottom[:, None, :] - top[None, :, :], axis=-1)))
+
+
 def crop_periodic(
     atoms: Atoms, centres: Sequence[int], core_radius: float, buffer: float,
-    rng: np.random.Generator | None = None, tries: int = 32, jitter: float = 1.0,
+    rng: np.random.Generator | None = None, tries: int = 32, jitter: float = CROP_JITTER, keep: int = 4,
 ) -> Substructure:
     """A periodic hexahedral box cut out of a periodic frame around ``centres`` (IDEAL's crop).
 
     The box holds every core atom (within ``core_radius`` of a centre) with at least ``buffer``
     to each face, so within ``buffer`` a core atom sees the frame's own atoms. The box becomes
     the piece's cell: across its faces atoms meet neighbours that were not there in the frame,
-    which is harmless for the core beyond ``buffer`` but must not put two atoms on top of each
-    other. ``tries`` boundary placements, each face pushed out by up to ``jitter`` A at random
-    (the first try unshifted), are scored: no pair across the faces closer than 0.8 times the
-    closest pair of the frame's piece, then the element fractions closest to the frame's, then
-    the widest closest pair. ``info`` reports the chosen box's closest pair and composition gap.
+    harmless for the core beyond ``buffer`` but they must not land on top of each other, which
+    in a crystal happens unless the box length fits the lattice. So each face is pushed out by
+    up to ``jitter`` A: per axis, ``tries`` random placements (the first unshifted) are ranked,
+    those whose faces bring no pair closer than 0.8 times the frame's closest pair there first,
+    then the shortest; of the ``keep`` best per axis every combination is scored: no pair too
+    close, then the element fractions closest to the frame's (to 0.01), then the fewest atoms
+    (the cheapest label). ``info``
+    reports the chosen box's closest pair, composition gap and whether its seam is too close.
     """
+    import itertools
+
     if not centres:
         raise ValueError("crop_periodic needs at least one centre")
     if not np.all(atoms.pbc):
@@ -185,23 +206,32 @@ def crop_periodic(
                          f"(narrowest width {min_width(atoms):.2f} A)")
     # Atoms that may fall into any of the boxes: their minimum-image vectors are the piece's positions.
     near = np.flatnonzero(np.all((to_origin >= lo - jitter - 1e-9) & (to_origin < hi + jitter), axis=1))
-    closest = _closest_pair(to_origin[near], None)
+    points = to_origin[near]
+    closest = _closest_pair(points, None)
+    per_axis = []
+    for axis in range(3):
+        placements = [(lo[axis], hi[axis])] + [
+            (lo[axis] - a, hi[axis] + b) for a, b in rng.uniform(0.0, jitter, size=(max(0, int(tries) - 1), 2))]
+        gaps = [_face_gap(points, axis, low, high) for low, high in placements]
+        order = sorted(range(len(placements)),
+                       key=lambda k: (gaps[k] < 0.8 * closest, placements[k][1] - placements[k][0]))
+        per_axis.append([placements[k] for k in order[:keep]])
     best: tuple[tuple[float, float, float], np.ndarray, np.ndarray] | None = None
-    for attempt in range(max(1, int(tries))):
-        push = np.zeros((2, 3)) if attempt == 0 else rng.uniform(0.0, jitter, size=(2, 3))
-        low, high = lo - push[0], hi + push[1]
-        inside = near[np.all((to_origin[near] >= low) & (to_origin[near] < high), axis=1)]
-        cell = np.diag(high - low)
-        seam = _closest_pair(to_origin[inside] - low, cell)
-        score = (float(seam < 0.8 * closest), _composition_gap(atoms.numbers[inside], atoms.numbers), -seam)
+    for combo in itertools.product(*per_axis):
+        low, high = np.array([c[0] for c in combo]), np.array([c[1] for c in combo])
+        inside = near[np.all((points >= low) & (points < high), axis=1)]
+        seam = _closest_pair(to_origin[inside] - low, np.diag(high - low))
+        gap = _composition_gap(atoms.numbers[inside], atoms.numbers)
+        score = (float(seam < 0.8 * closest), round(gap, 2), len(inside), gap, -seam)
         if best is None or score < best[0]:
             best = (score, inside, np.array([low, high]))
     assert best is not None
-    (too_close, gap, seam), keep, (low, high) = best[0], best[1], best[2]
-    piece = Atoms(numbers=atoms.numbers[keep], positions=to_origin[keep] - low, cell=np.diag(high - low), pbc=True)
+    (too_close, _, _, gap, seam), chosen, (low, high) = best
+    piece = Atoms(numbers=atoms.numbers[chosen], positions=to_origin[chosen] - low, cell=np.diag(high - low),
+                  pbc=True)
     info = {"core_radius": float(core_radius), "buffer": float(buffer), "closest_pair": -seam,
             "composition_gap": gap, "seam_too_close": too_close}
-    return Substructure(piece, keep, core[keep], tuple(centres), info)
+    return Substructure(piece, chosen, core[chosen], tuple(centres), info)
 
 
 def cap_cut_bonds(parent: Atoms, piece: Substructure, slack: float = 1.15) -> Substructure:

@@ -76,3 +76,107 @@ def test_the_locality_workflow_prints_its_table(tmp_path, capsys) -> None:
     assert "| 5.0 |" in out.out and "9.5e-02" in out.out  # IDEAL's value beside ours
     assert "do not fit" in out.err  # 9 A does not fit a 10.8 A cell
     assert (tmp_path / "table.md").is_file()
+
+
+def test_a_periodic_crop_keeps_the_cores_surroundings_and_no_atoms_meet_across_its_faces() -> None:
+    from ase.geometry import get_distances
+
+    from aimspax_like.substructures import crop_periodic
+
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((5, 5, 5))  # 500 atoms, 18 A
+    cell.positions += np.random.default_rng(0).normal(0.0, 0.05, cell.positions.shape)
+    cell.wrap()
+    piece = crop_periodic(cell, [5], core_radius=2.8, buffer=3.5, rng=np.random.default_rng(1), tries=32)
+    unshifted = crop_periodic(cell, [5], core_radius=2.8, buffer=3.5, tries=1)
+    # Here the box around the core does not fit the lattice: unshifted, two atoms nearly coincide.
+    assert unshifted.info["seam_too_close"] == 1.0 and unshifted.info["closest_pair"] < 0.5
+    atoms = piece.atoms
+    assert atoms.pbc.all() and len(atoms) < len(cell) and 1 <= piece.n_core < len(atoms)
+    assert piece.info["seam_too_close"] == 0.0 and piece.info["composition_gap"] == 0.0  # one element
+    _, lengths = get_distances(atoms.positions, cell=atoms.cell, pbc=True)
+    np.fill_diagonal(lengths, np.inf)
+    assert lengths.min() > 0.8 * 2.3
+    # Within the buffer every core atom sees exactly the frame's neighbours (same distances).
+    for local in np.flatnonzero(piece.core):
+        parent = piece.parent_indices[local]
+        _, in_frame = distances_from(cell, int(parent))
+        _, in_box = get_distances(atoms.positions[local], atoms.positions, cell=atoms.cell, pbc=True)
+        near_frame = np.sort(in_frame[(in_frame > 0) & (in_frame < 3.5)])
+        near_box = np.sort(in_box[0][(in_box[0] > 0) & (in_box[0] < 3.5)])
+        assert np.allclose(near_frame, near_box)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_periodic(cell, [5], core_radius=3.0, buffer=7.0)
+
+
+def test_a_two_element_crop_keeps_the_stoichiometry_closest_to_the_frame() -> None:
+    from aimspax_like.substructures import crop_periodic
+
+    frame = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((4, 4, 4))  # 512 atoms, 22.6 A
+    frame.positions += np.random.default_rng(3).normal(0.0, 0.05, frame.positions.shape)
+    best = crop_periodic(frame, [0], core_radius=2.0, buffer=4.0, rng=np.random.default_rng(0), tries=32)
+    first = crop_periodic(frame, [0], core_radius=2.0, buffer=4.0, tries=1)  # the unshifted box alone
+    assert best.info["composition_gap"] <= first.info["composition_gap"]
+    assert best.info["composition_gap"] < 0.1
+
+
+def test_hydrogen_caps_close_the_bonds_a_vacuum_piece_cut() -> None:
+    from ase.build import molecule
+
+    from aimspax_like.substructures import cap_cut_bonds
+
+    ethanol = molecule("CH3CH2OH")  # C0 C1 O2 H3..H8
+    piece = carve(ethanol, [0], core_radius=0.1, buffer=1.2)  # C0 with its three hydrogens
+    capped = cap_cut_bonds(ethanol, piece)
+    assert capped.atoms.get_chemical_formula() == "CH4"
+    assert capped.parent_indices[-1] == -1 and not capped.core[-1] and capped.core.sum() == 1
+    cap = capped.atoms.positions[-1] - capped.atoms.positions[0]
+    towards = ethanol.positions[1] - ethanol.positions[0]
+    assert np.isclose(np.linalg.norm(cap), 0.76 + 0.31, atol=0.01)  # C-H from covalent radii
+    assert np.allclose(cap / np.linalg.norm(cap), towards / np.linalg.norm(towards))
+    assert cap_cut_bonds(ethanol, carve(ethanol, [0], 0.1, 5.0)).atoms.get_chemical_formula() == "C2H6O"
+
+
+def _planner(**overrides):
+    from aimspax_like.config import SubstructureConfig
+    from aimspax_like.piece_planner import PiecePlanner
+
+    settings = {"enabled": True, "min_atoms": 100, "core_radius": 2.8, "buffer": 3.0, **overrides}
+    return PiecePlanner(SubstructureConfig(**settings), receptive_field=9.0)
+
+
+def test_the_planner_carves_around_the_uncertain_atoms_or_labels_the_frame_whole(cell) -> None:
+    forces = np.zeros((2, len(cell), 3))
+    forces[0, 7] = [1.0, 0.0, 0.0]  # member 0 disagrees on atom 7 and, less, on a far atom
+    _, from7 = distances_from(cell, 7)
+    far = int(np.argmax(from7))
+    forces[0, far] = [0.5, 0.0, 0.0]
+    plan = _planner(box="vacuum").plan(cell, forces, threshold=0.1)
+    assert plan.reason == "pieces" and plan.uncertain_atoms == 2
+    assert [p.centres for p in plan.pieces] == [(7,), (far,)]
+    assert all(7 in p.parent_indices[p.core] for p in plan.pieces[:1])
+    assert len(_planner(box="vacuum", max_per_frame=1).plan(cell, forces, 0.1).pieces) == 1
+    # Below the threshold everywhere (a stress trigger, say): the most uncertain atom still gets its piece.
+    assert [p.centres for p in _planner(box="vacuum").plan(cell, forces, threshold=5.0).pieces] == [(7,)]
+    assert _planner(min_atoms=500).plan(cell, forces, 0.1).reason == "small"
+    assert _planner(buffer=6.0, box="vacuum").plan(cell, forces, 0.1).pieces == []  # nearly the whole cell
+    assert not _planner().periodic(cell)  # auto: a 2 x 5.8 A box does not fit 14.4 A with room to shift
+    large = cell.repeat((2, 1, 1)).repeat((1, 2, 2))  # 28.8 A: it does
+    pieces = _planner().plan(large, np.concatenate([forces] * 8, axis=1), threshold=0.1).pieces
+    assert pieces and all(p.atoms.pbc.all() and p.info["seam_too_close"] == 0.0 for p in pieces)
+
+
+def test_relaxing_the_buffer_lowers_the_committees_disagreement_there_and_leaves_the_core(cell) -> None:
+    from aimspax_like.config import ModelConfig
+    from aimspax_like.models.ensemble import MACEEnsemble
+    from aimspax_like.piece_planner import buffer_disagreement, relax_buffer
+
+    model = ModelConfig(channels=8, max_L=0, r_max=4.0, num_interactions=1, correlation=2, radial_mlp=[8],
+                        ensemble_size=2, device="cpu", dtype="float64")
+    ensemble = MACEEnsemble.build(model, [0, 1], [29], {29: -3.0}, 12.0)
+    piece = carve(cell, [3], core_radius=2.8, buffer=2.5)
+    core_before = piece.atoms.positions[piece.core].copy()
+    before, after = relax_buffer(ensemble, piece, steps=5, max_step=0.05)
+    assert after < before
+    assert np.array_equal(piece.atoms.positions[piece.core], core_before)
+    value, _ = buffer_disagreement(ensemble, piece.atoms, ~piece.core)
+    assert np.isclose(np.sqrt(float(value) / 3), after)
