@@ -154,8 +154,8 @@ class OnTheFlyCalculator(Calculator):
         # A store already holding this calculator's labels continues their train/valid pattern.
         done = 0
         if store is not None:
-            identities = store.keys()  # (origin, trajectory, md_step) of every stored frame
-            done = sum(1 for origin, traj, _ in identities if origin == OTF_ORIGIN and traj == self.trajectory)
+            identities = store.keys()  # (origin, trajectory, md_step, piece) of every stored frame
+            done = sum(1 for origin, traj, *_ in identities if origin == OTF_ORIGIN and traj == self.trajectory)
         self.splits = None if self.valid_ratio == 0.0 else SplitCounter(self.valid_ratio, start=done)
         self.n_calls = 0
         self.n_labels = 0

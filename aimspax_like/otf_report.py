@@ -138,7 +138,7 @@ def make_otf_report(paths: Any, config: CampaignConfig, store: DatasetStore, eve
     summary: dict[str, Any] = {
         "directory": str(paths.root), "finished": done, "steps": steps_done, "steps_asked": config.otf.steps,
         "atoms": len(frames[0]) if frames else None,
-        "start_frames": sum(1 for origin, _, _ in keys if origin in ("idg", "import")),
+        "start_frames": sum(1 for origin, *_ in keys if origin in ("idg", "import")),
         "labels": label_counts(labelled, max(steps_done, 1)),
         "trigger": config.otf.trigger.model_dump(mode="json"),
         "timings": timings, "elapsed_s": float(checkpoint.get("elapsed_s", 0.0)),
@@ -243,9 +243,9 @@ def otf_status(root: Path) -> dict[str, Any]:
     return {
         "directory": str(root), "kind": "otf", "state": state, "driver": driver,
         "step_checkpointed": int(checkpoint.get("step", 0)), "steps": config.otf.steps,
-        "labels_stored": sum(1 for origin, _, _ in keys if origin == OTF_ORIGIN),
-        "start_frames": sum(1 for origin, _, _ in keys if origin in ("idg", "import")),
-        "check_frames": sum(1 for origin, _, _ in keys if origin == CHECK_ORIGIN),
+        "labels_stored": sum(1 for origin, *_ in keys if origin == OTF_ORIGIN),
+        "start_frames": sum(1 for origin, *_ in keys if origin in ("idg", "import")),
+        "check_frames": sum(1 for origin, *_ in keys if origin == CHECK_ORIGIN),
         "timings": checkpoint.get("calculator", {}).get("timings", {}),
     }
 
