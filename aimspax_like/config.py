@@ -783,6 +783,10 @@ class OTFConfig(_Strict):
         50, ge=0, description="Written trajectory frames the reference recomputes at the end for the report's "
         "errors (extra reference calls, never trained on); 0: none.",
     )
+    substructures: SubstructureConfig = Field(
+        default_factory=SubstructureConfig, description="Label large frames as substructures (as al.substructures; "
+        "a labelled call then answers with the committee retrained on the pieces).",
+    )
 
     @field_validator("temperature_ramp")
     @classmethod

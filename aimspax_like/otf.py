@@ -25,6 +25,11 @@ A failed reference calculation (crash, SCF failure, timeout, non-finite numbers)
 continuing on the committee's guess would silently defeat the point; nothing is stored or
 trained on for it.
 
+Large systems (``planner``, ``otf.substructures``): a call judged too uncertain on a frame of at
+least ``min_atoms`` atoms labels the substructures carved around its uncertain atoms instead of
+the frame (in parallel threads), stores them with their core masks, trains on their core forces,
+and answers with the retrained committee, as there is no reference answer for the whole frame.
+
 Labels are stored with origin ``"al"`` (on-the-fly labels are active-learning labels: the
 same dataset tools, exports and training read them) and ``source="otf"``, which tells them
 apart from a campaign's own.
@@ -50,6 +55,7 @@ from aimspax_like.config import CampaignConfig
 from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
 from aimspax_like.data.splits import SplitCounter
 from aimspax_like.events import EventLog
+from aimspax_like.piece_planner import PiecePlanner
 from aimspax_like.reference.label import label
 from aimspax_like.reference.results import LabelResult
 from aimspax_like.uncertainty import MovingAverageThreshold, max_atomic_uncertainty
@@ -112,6 +118,7 @@ class OnTheFlyCalculator(Calculator):
         warmup: int = 10,
         calibrate: bool = False,
         calibration_window: int = 25,
+        planner: PiecePlanner | None = None,
     ) -> None:
         super().__init__()
         if measure not in MEASURES:
@@ -170,9 +177,15 @@ class OnTheFlyCalculator(Calculator):
         # Labels stored by an earlier process of a resumed run, by call number: a call that
         # meets one of them at the same geometry takes it instead of asking the reference again.
         self.stored_labels: dict[int, int] = {}
+        self.stored_pieces: dict[tuple[int, int], int] = {}  # (call, piece) -> row, the same for pieces
+        self.planner = planner  # large frames labelled as substructures (otf.substructures)
         if store is not None:
-            self.stored_labels = {step: row for row, (origin, traj, step, piece) in enumerate(store.keys())
-                                  if origin == OTF_ORIGIN and traj == self.trajectory and piece < 0}
+            for row, (origin, traj, step, piece) in enumerate(store.keys()):
+                if origin == OTF_ORIGIN and traj == self.trajectory:
+                    if piece < 0:
+                        self.stored_labels[step] = row
+                    else:
+                        self.stored_pieces[(step, piece)] = row
 
     # ------------------------------------------------------------------ construction
 
@@ -269,9 +282,11 @@ class OnTheFlyCalculator(Calculator):
         labelled = untrained or asked or measured > threshold
 
         results: dict[str, Any]
+        pieces = labelled and not asked and self.planner is not None and self.planner.applies(atoms)
         if labelled:
             self._guess = (float(member_energies.mean()), member_forces.mean(axis=0), raw)
-            results = self._label(atoms, step, raw, want_stress)
+            results = (self._label_pieces(atoms, step, raw, member_forces, threshold, want_stress) if pieces
+                       else None) or self._label(atoms, step, raw, want_stress)
         else:
             energy = float(member_energies.mean())
             results = {"energy": energy, "free_energy": energy, "forces": member_forces.mean(axis=0)}
@@ -430,12 +445,89 @@ class OnTheFlyCalculator(Calculator):
         return self._learn(step, outcome.energy, outcome.forces, outcome.stress if want_stress else None,
                            want_stress, new_frame=frame)
 
-    def _learn(self, step: int, energy: float, forces: np.ndarray, stress: np.ndarray | None, want_stress: bool,
-               new_frame: LabelledFrame | None) -> dict[str, Any]:
-        """Train on a label (``new_frame`` joins the committee first; a reused one is there already)
-        and answer the call with the reference's numbers."""
-        if new_frame is not None:
-            self.committee.add(new_frame)
+    def _label_pieces(self, atoms: Atoms, step: int, measured: float, member_forces: np.ndarray, threshold: float,
+                      want_stress: bool) -> dict[str, Any] | None:
+        """Label the substructures of a large frame (``planner``) instead of the frame, in parallel
+        threads (a DFT label is a subprocess), store them, train once, and answer the call with the
+        retrained committee: no reference number exists for the whole frame. None: the planner
+        found no piece worth carving (the caller labels the frame whole)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        plan = self.planner.plan(atoms, member_forces, threshold if np.isfinite(threshold) else measured)
+        if not plan.pieces:
+            if self.events is not None:
+                self.events.emit("otf_substructures_skipped", step=step, reason=plan.reason, atoms=len(atoms))
+            return None
+        stored = {k: self.store.frame(self.stored_pieces[(step, k)]) for k in range(len(plan.pieces))
+                  if (step, k) in self.stored_pieces} if self.store is not None else {}
+        todo = [k for k in range(len(plan.pieces)) if k not in stored]
+        spec = dict(self.reference_spec)
+        spec.pop("compute_stress", None)  # a piece's stress is no label
+        holders = []
+
+        def one(k: int) -> Any:
+            workdir, holder = self._workdir(step)
+            holders.append(holder)
+            return label(plan.pieces[k].atoms, spec, workdir + (f"_piece{k}" if holder is None else ""))
+
+        try:
+            with self._timed("reference"), ThreadPoolExecutor(max(1, len(todo))) as pool:
+                outcomes = dict(zip(todo, pool.map(one, todo), strict=True))
+        finally:
+            for holder in holders:
+                if holder is not None:
+                    holder.cleanup()
+        failed = [(k, o) for k, o in outcomes.items() if not isinstance(o, LabelResult)]
+        if failed:
+            k, outcome = failed[0]
+            if self.events is not None:
+                self.events.emit("otf_label_failed", step=step, piece=k, kind=str(outcome.kind.value),
+                                 message=outcome.message, wall_s=outcome.wall_s)
+            raise ReferenceLabelError(f"reference ({spec.get('kind')}) failed on piece {k} at call {step}: "
+                                      f"{outcome.kind.value}: {outcome.message}")
+        _, guess_forces, raw = self._guess
+        for k, piece in enumerate(plan.pieces):
+            if k in stored:
+                frame, reused = stored[k], True
+            else:
+                outcome = outcomes[k]
+                frame = LabelledFrame.from_atoms(
+                    piece.atoms, energy=outcome.energy, forces=outcome.forces, stress=None,
+                    split="train" if self.splits is None else self.splits.next(), origin=OTF_ORIGIN,
+                    trajectory=self.trajectory, md_step=step, uncertainty=measured, reference=self.fingerprint,
+                    label_wall_s=outcome.wall_s, source=OTF_SOURCE, piece=k, force_mask=piece.core,
+                    parent_index=piece.parent_indices)
+                reused = False
+            # The committee's error before training, on the core atoms the piece labels.
+            core = frame.force_mask
+            error_forces = float(np.linalg.norm(guess_forces[frame.parent_index[core]] - frame.forces[core],
+                                                axis=1).max())
+            if not reused and raw > 0 and self.measure == "forces":
+                self.ratios.append(float(error_forces / np.sqrt(3.0) / raw))
+            index = self.stored_pieces.get((step, k))
+            if not reused and self.store is not None:
+                index = self.store.append(frame)
+                self.stored_pieces[(step, k)] = index
+            if self.events is not None:
+                self.events.emit("otf_label", step=step, split=frame.split, index=index, uncertainty=measured,
+                                 label_wall_s=0.0 if reused else frame.label_wall_s, reused=reused, piece=k,
+                                 atoms=len(frame), core=int(core.sum()), error_forces=error_forces)
+            if not reused:  # a reused piece is in the committee already (rebuilt from the dataset)
+                self.committee.add(frame)
+        self._train(step)
+        with self._timed("model"):
+            prediction = self.committee.ensemble.predict([atoms])
+        energy = float(prediction.energies[:, 0].mean())
+        results: dict[str, Any] = {"energy": energy, "free_energy": energy,
+                                   "forces": prediction.forces_of(0).mean(axis=0)}
+        if want_stress:
+            with self._timed("model"):
+                member_stresses = self.committee.committee_stresses([atoms])[0]
+            results["stress"] = full_3x3_to_voigt_6_stress(member_stresses.mean(axis=0))
+        return results
+
+    def _train(self, step: int) -> None:
+        """One training round after a label (its frames joined the committee already)."""
         start = time.monotonic()
         with self._timed("training"):
             self.committee.train_round(self.epochs)
@@ -446,6 +538,14 @@ class OnTheFlyCalculator(Calculator):
             self.events.emit("otf_train", step=step, train_wall_s=time.monotonic() - start,
                              train_set=len(self.committee.all_train),
                              valid_force_mae=self.committee.valid_force_mae())
+
+    def _learn(self, step: int, energy: float, forces: np.ndarray, stress: np.ndarray | None, want_stress: bool,
+               new_frame: LabelledFrame | None) -> dict[str, Any]:
+        """Train on a label (``new_frame`` joins the committee first; a reused one is there already)
+        and answer the call with the reference's numbers."""
+        if new_frame is not None:
+            self.committee.add(new_frame)
+        self._train(step)
         results: dict[str, Any] = {"energy": float(energy), "free_energy": float(energy),
                                    "forces": np.array(forces, dtype=float)}
         if want_stress:

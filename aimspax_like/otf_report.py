@@ -116,9 +116,11 @@ def honesty(events: list[dict[str, Any]]) -> dict[str, Any]:
         return {"labels": 0}
     u = np.array([e["uncertainty"] for e in labels], dtype=float)
     err_f = np.array([e["error_forces"] for e in labels], dtype=float)
-    err_e = np.array([e["error_energy"] for e in labels], dtype=float)
+    # A substructure has no whole-frame energy to compare: its label carries the force error only.
+    err_e = np.array([e["error_energy"] for e in labels if "error_energy" in e], dtype=float)
     return {"labels": len(labels), "median_uncertainty": float(np.median(u)),
-            "median_error_forces_eV_A": float(np.median(err_f)), "median_error_energy_eV": float(np.median(err_e))}
+            "median_error_forces_eV_A": float(np.median(err_f)),
+            "median_error_energy_eV": float(np.median(err_e)) if len(err_e) else None}
 
 
 def make_otf_report(paths: Any, config: CampaignConfig, store: DatasetStore, events: EventLog | None,
@@ -128,7 +130,7 @@ def make_otf_report(paths: Any, config: CampaignConfig, store: DatasetStore, eve
     calc_state = checkpoint.get("calculator", {})
     steps_done = int(checkpoint.get("step", 0))
     keys = store.keys()
-    labelled = sorted(step for origin, _, step, _ in keys if origin == OTF_ORIGIN)
+    labelled = sorted({step for origin, _, step, _ in keys if origin == OTF_ORIGIN})  # pieces share a step
     frames = read_trajectory(paths.trajectory)
     pairs = check_frames(config, frames, store, paths.labels, events) if done else []
     timings = dict(calc_state.get("timings", {}))
@@ -175,8 +177,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   f"{t.get('reference_cpu_s', 0):.1f} |", ""]
     honest = summary["at_labels"]
     if honest.get("labels"):
-        lines += [f"At the {honest['labels']} labelled steps the committee's own answer (before training on the label) "
-                  f"was off by a median {honest['median_error_energy_eV']:.3g} eV in energy and "
+        energy = honest["median_error_energy_eV"]
+        in_energy = "" if energy is None else f"{energy:.3g} eV in energy and "
+        lines += [f"At the {honest['labels']} labels the committee's own answer (before training on the label) "
+                  f"was off by a median {in_energy}"
                   f"{honest['median_error_forces_eV_A']:.3g} eV/A in the largest atomic force, for a median "
                   f"uncertainty of {honest['median_uncertainty']:.3g} {unit}.", ""]
     check = summary["check"]

@@ -49,6 +49,7 @@ from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
 from aimspax_like.errors import CampaignInterrupted, ConfigError, LabelsKeepFailing, RunDirectoryError
 from aimspax_like.events import EventLog
 from aimspax_like.otf import REFIT_FRAMES, OnTheFlyCalculator, ReferenceLabelError
+from aimspax_like.piece_planner import PiecePlanner
 from aimspax_like.run_lock import LOCK_NAME, RunLock
 from aimspax_like.state import load_checkpoint, save_checkpoint
 from aimspax_like.structures import atoms_from_arrays, atoms_to_arrays, read_structures
@@ -330,6 +331,15 @@ def _copy_start_run(dataset: Path, store: DatasetStore) -> None:
     store.extend(copies)
 
 
+
+def _planner(config: CampaignConfig, committee: Committee) -> PiecePlanner | None:
+    """``otf.substructures``: the planner, its core radius defaulting to the receptive field."""
+    settings = config.otf.substructures
+    if not settings.enabled:
+        return None
+    model = config.model
+    return PiecePlanner(settings, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=config.seed)
+
 def _build(
     config: CampaignConfig, paths: OTFPaths, start: Atoms, store: DatasetStore, events: EventLog,
     checkpoint: dict[str, Any] | None,
@@ -366,7 +376,7 @@ def _build(
         valid_ratio=config.otf.valid_ratio, events=events, min_train=trigger.min_train,
         log_every=config.otf.log_every, compute_stress=needs_stress(config) or config.reference.compute_stress,
         trajectory=0, scratch=paths.labels, window=trigger.window, c_x=trigger.c_x, warmup=trigger.warmup,
-        calibrate=trigger.calibrate)
+        calibrate=trigger.calibrate, planner=_planner(config, committee))
     atoms = start.copy()
     rng = np.random.default_rng(config.seed)
     md = config.otf.md.model_copy(update={"temperature_K": config.otf.temperature_at(0)})

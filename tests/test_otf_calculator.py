@@ -281,3 +281,49 @@ def test_from_files_continues_saved_members_with_the_store_frames(tmp_path: Path
                                calc.committee.ensemble.predict([atoms]).energies, atol=1e-10)
     atoms.calc = resumed
     assert atoms.get_forces().shape == (6, 3) and resumed.results["labelled"] is False
+
+
+def test_a_large_frame_is_labelled_as_substructures_trained_on_their_cores_and_reused_on_resume(tmp_path, events):
+    """With a planner the calculator labels pieces of a 108-atom cell, stores them with their
+    masks, answers with the retrained committee, and a resumed calculator takes the stored
+    pieces of a call instead of labelling them again."""
+    from aimspax_like.config import SubstructureConfig
+    from aimspax_like.piece_planner import PiecePlanner
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+    settings = SubstructureConfig(enabled=True, min_atoms=50, core_radius=1.0, buffer=3.0, box="vacuum",
+                                  max_per_frame=2)
+    config = config_from_dict(tiny_config(tmp_path))
+    store = DatasetStore.create(tmp_path / "dataset.h5")
+
+    def calculator() -> OnTheFlyCalculator:
+        return OnTheFlyCalculator.from_frames(
+            config, _emt_frames(cell, 4, seed=2), {"kind": "emt"}, store=store, initial_epochs=2, threshold=1e-6,
+            events=events, scratch=tmp_path / "scratch", compute_stress=False,
+            planner=PiecePlanner(settings, receptive_field=4.5))
+
+    calc = calculator()
+    atoms = cell.copy()
+    atoms.positions += np.random.default_rng(4).normal(0.0, 0.1, atoms.positions.shape)
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    assert calc.results["labelled"] and forces.shape == (108, 3)
+    after = calc.committee.ensemble.predict([atoms]).mean_forces
+    assert np.allclose(forces, after)  # the answer is the retrained committee's
+    pieces = store.frames()
+    assert len(pieces) == 2 and all(f.is_piece and f.origin == OTF_ORIGIN for f in pieces)
+    assert [f.piece for f in pieces] == [0, 1] and all(1 <= f.force_mask.sum() < len(f) < 108 for f in pieces)
+    for f in pieces:
+        emt = f.to_atoms()
+        emt.calc = EMT()
+        assert np.allclose(emt.get_forces(), f.forces)
+    labels = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "otf_label"]
+    assert [e["piece"] for e in labels] == [0, 1] and all("error_energy" not in e for e in labels)
+
+    resumed = calculator()
+    again = atoms.copy()
+    again.calc = resumed
+    again.get_forces()
+    assert len(store) == 2, "a piece stored before the restart was labelled again"
+    reused = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "otf_label"][2:]
+    assert [e["reused"] for e in reused] == [True, True]
