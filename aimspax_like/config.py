@@ -538,8 +538,8 @@ class SubstructureConfig(_Strict):
     A frame of at least ``min_atoms`` atoms that Eq. 1 sends to the reference is not labelled
     whole: the atoms whose own Eq. 1 term exceeds ``atom_threshold`` (default: the AL threshold)
     are grouped (atoms within ``group_radius`` of the most uncertain one share a piece; at most
-    ``max_per_frame`` pieces), and around each group a piece is carved: a core of every atom
-    within ``core_radius`` of a grouped atom, whose forces become labels, and a buffer of
+    ``max_per_frame`` pieces), and around each group's centre a piece is carved: a core of every
+    atom within ``core_radius`` of it, whose forces become labels, and a buffer of
     ``buffer`` more angstroms, whose forces do not. Each piece is labelled on its own, stored with
     its parent frame, core mask and parent atom indices, and trains on its core forces only.
     """
@@ -555,7 +555,8 @@ class SubstructureConfig(_Strict):
         "their forces are not used. Measure what your reference needs: workflows/ideal_locality.py.",
     )
     group_radius: float | None = Field(
-        None, ge=0, description="A; uncertain atoms this close to a piece's centre share it. null: core_radius.",
+        None, ge=0, description="A; uncertain atoms this close to a piece's centre share it (at most core_radius, "
+        "so they are in its core). null: core_radius.",
     )
     max_per_frame: int = Field(2, ge=1, description="Pieces carved from one frame at most (most uncertain first).")
     atom_threshold: float | None = Field(
@@ -580,6 +581,13 @@ class SubstructureConfig(_Strict):
         "(core frozen) before labelling: IDEAL's in-distribution embedding. 0: off.",
     )
     relax_buffer_max_step: float = Field(0.05, gt=0, description="A; largest move of a buffer atom per step.")
+
+    @model_validator(mode="after")
+    def _group_inside_core(self) -> SubstructureConfig:
+        if self.group_radius is not None and self.core_radius is not None and self.group_radius > self.core_radius:
+            raise ValueError(f"group_radius ({self.group_radius:g} A) must not exceed core_radius "
+                             f"({self.core_radius:g} A): a grouped atom outside the core would not be labelled")
+        return self
 
 
 class ALConfig(_Strict):

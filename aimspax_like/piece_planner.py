@@ -5,10 +5,12 @@ The scheduler hands over a frame that Eq. 1 sent to the reference, with its comm
 nothing when the frame should be labelled whole: it is smaller than ``min_atoms``, a piece would
 hold most of its atoms anyway, or no box fits its cell. Each piece is
 
-1. centred on a group of uncertain atoms (Eq. 1's per-atom term above the atom threshold,
-   grouped within ``group_radius``, most uncertain first, at most ``max_per_frame`` groups),
-2. carved with a core of ``core_radius`` (default: the model's receptive field) and a buffer of
-   ``buffer`` A, in vacuum (optionally with hydrogen caps) or as a periodic box,
+1. centred on the most uncertain atom of a group of uncertain atoms (Eq. 1's per-atom term
+   above the atom threshold, grouped within ``group_radius`` of it, most uncertain first, at
+   most ``max_per_frame`` groups),
+2. carved with a core of ``core_radius`` around that atom (default: the model's receptive
+   field), which holds the whole group, and a buffer of ``buffer`` A, in vacuum (optionally
+   with hydrogen caps) or as a periodic box,
 3. optionally embedded in distribution (IDEAL): its buffer atoms, and only those, descend the
    committee's force disagreement for a few steps, so that the reference labels a core whose
    surroundings look like what the committee knows.
@@ -53,7 +55,9 @@ class PiecePlanner:
     def __init__(self, config: Any, receptive_field: float, ensemble: Any = None, seed: int = 0) -> None:
         self.config = config
         self.core_radius = float(config.core_radius if config.core_radius is not None else receptive_field)
-        self.group_radius = float(config.group_radius if config.group_radius is not None else self.core_radius)
+        # A grouped atom must lie in the core to be labelled (the config refuses a larger explicit value).
+        self.group_radius = min(self.core_radius, float(
+            config.group_radius if config.group_radius is not None else self.core_radius))
         self.ensemble = ensemble  # for the buffer relaxation only
         self.rng = np.random.default_rng(seed)
 
@@ -81,15 +85,22 @@ class PiecePlanner:
         pieces = []
         try:
             for group in groups:
-                pieces.append(self._piece(atoms, group.members))
+                piece = self._piece(atoms, group.centre)
+                piece.info["group"] = float(len(group.members))
+                pieces.append(piece)
         except ValueError as exc:  # the box or sphere does not fit this cell's minimum image
             return Plan([], f"does not fit: {exc}", uncertain)
         if max(len(p.atoms) for p in pieces) > _WHOLE_FRAME_SHARE * len(atoms):
             return Plan([], "piece nearly as large as the frame", uncertain)
         return Plan(pieces, "pieces", uncertain)
 
-    def _piece(self, atoms: Atoms, centres: tuple[int, ...]) -> Substructure:
+    def _piece(self, atoms: Atoms, centre: int) -> Substructure:
+        """The piece around one group's centre: its core (``core_radius`` around the centre) holds
+        every atom of the group (``group_radius`` <= ``core_radius``), and each core atom has the
+        whole buffer around it. A core grown around every member instead would grow the piece
+        by the group's width, up to twice the core radius."""
         cfg = self.config
+        centres = (centre,)
         piece = None
         if self.periodic(atoms):
             try:
