@@ -16,9 +16,9 @@ set is ``--test-frames`` frames of a separate EMT Langevin MD of the same cell a
 temperature, never seen by any campaign. So that the comparison is of data, not of training
 time, every arm ends with the same ``--final-epochs`` epochs of every member over its whole
 training set (the converge phase, patience off); the committee's mean force is then compared
-with EMT's on every atom of the held-out frames. The table gives, per arm: AL labels, atoms labelled, EMT time, the cost a
-cubic-scaling DFT code would have (the sum of N^3 over the labels, in units of one whole frame)
-and the held-out force MAE and RMSE::
+with EMT's on every atom of the held-out frames. The table gives, per arm: AL labels, atoms
+labelled, EMT time, the cost a cubic-scaling DFT code would have (the sum of N^3 over the
+labels, in units of one whole frame) and the held-out force MAE and RMSE::
 
     .venv/bin/python workflows/ideal_substructures.py                  # ~40 min on 2 cores
     .venv/bin/python workflows/ideal_substructures.py --arms whole:4 pieces:4 --steps 400 --out runs/ideal_quick
