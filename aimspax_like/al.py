@@ -20,6 +20,7 @@ from typing import Any
 from ase import Atoms
 
 from aimspax_like.committee import Committee
+from aimspax_like.config import PERIODIC_ONLY_REFERENCES
 from aimspax_like.context import RunContext
 from aimspax_like.data import LabelledFrame
 from aimspax_like.data.splits import SplitCounter
@@ -71,7 +72,8 @@ def _planner(ctx: RunContext, committee: Committee) -> PiecePlanner | None:
     if not config.enabled:
         return None
     model = ctx.config.model
-    return PiecePlanner(config, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=ctx.config.seed)
+    return PiecePlanner(config, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=ctx.config.seed,
+                        vacuum=ctx.config.reference.kind not in PERIODIC_ONLY_REFERENCES)
 
 
 def run_al(ctx: RunContext, committee: Committee) -> dict[str, Any]:

@@ -532,6 +532,10 @@ class RoundsConfig(_Strict):
     full_every: int = Field(8, ge=1, description="Every full_every-th AL round is a full pass (replay).")
 
 
+# References that label periodic cells only: their substructures must be periodic boxes.
+PERIODIC_ONLY_REFERENCES = frozenset({"cp2k"})
+
+
 class SubstructureConfig(_Strict):
     """Label the uncertain substructures of a large frame instead of the frame (IDEAL's scheme).
 
@@ -877,6 +881,16 @@ class CampaignConfig(_Strict):
                 raise ConfigError("reference.timeout_s", f"{timeout_s:g} s + {_BLOCK_START_S} s to start a "
                                   f"worker exceeds cluster.provider.walltime ({walltime}); lower the one or "
                                   "raise the other")
+        return self
+
+    @model_validator(mode="after")
+    def _pieces_the_reference_can_label(self) -> CampaignConfig:
+        """A reference that labels periodic cells only (CP2K here) cannot label a piece in vacuum."""
+        if self.reference.kind in PERIODIC_ONLY_REFERENCES:
+            for key, section in (("al", self.al.substructures), ("otf", self.otf.substructures)):
+                if section.enabled and section.box == "vacuum":
+                    raise ConfigError(f"{key}.substructures.box", f"the {self.reference.kind} reference labels "
+                                      "periodic cells only: use box: periodic (or auto) for its pieces")
         return self
 
     def member_seeds(self) -> list[int]:

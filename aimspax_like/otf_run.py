@@ -43,7 +43,7 @@ from ase.io import write
 
 from aimspax_like.campaign import _make_root, _record_config, check_config_unchanged, check_cuda, check_spin
 from aimspax_like.committee import Committee
-from aimspax_like.config import CampaignConfig
+from aimspax_like.config import PERIODIC_ONLY_REFERENCES, CampaignConfig
 from aimspax_like.context import RunPaths
 from aimspax_like.data import DatasetStore, LabelledFrame, reference_fingerprint
 from aimspax_like.errors import CampaignInterrupted, ConfigError, LabelsKeepFailing, RunDirectoryError
@@ -338,7 +338,8 @@ def _planner(config: CampaignConfig, committee: Committee) -> PiecePlanner | Non
     if not settings.enabled:
         return None
     model = config.model
-    return PiecePlanner(settings, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=config.seed)
+    return PiecePlanner(settings, model.r_max * model.num_interactions, ensemble=committee.ensemble, seed=config.seed,
+                        vacuum=config.reference.kind not in PERIODIC_ONLY_REFERENCES)
 
 def _build(
     config: CampaignConfig, paths: OTFPaths, start: Atoms, store: DatasetStore, events: EventLog,

@@ -52,8 +52,10 @@ class Plan:
 class PiecePlanner:
     """Turns uncertain frames into substructures per an ``al.substructures`` section."""
 
-    def __init__(self, config: Any, receptive_field: float, ensemble: Any = None, seed: int = 0) -> None:
+    def __init__(self, config: Any, receptive_field: float, ensemble: Any = None, seed: int = 0,
+                 vacuum: bool = True) -> None:
         self.config = config
+        self.vacuum = vacuum  # False: the reference labels periodic cells only (no piece in vacuum)
         self.core_radius = float(config.core_radius if config.core_radius is not None else receptive_field)
         # A grouped atom must lie in the core to be labelled (the config refuses a larger explicit value).
         self.group_radius = min(self.core_radius, float(
@@ -106,10 +108,12 @@ class PiecePlanner:
             try:
                 piece = crop_periodic(atoms, centres, self.core_radius, cfg.buffer, rng=self.rng, tries=cfg.crop_tries)
             except ValueError:
-                if cfg.box == "periodic":
+                if cfg.box == "periodic" or not self.vacuum:
                     raise
                 # auto: the cores of a group spread wider than one centre's; a sphere in vacuum still fits
         if piece is None:
+            if not self.vacuum:
+                raise ValueError("the reference labels periodic cells only and no periodic box fits this frame")
             piece = carve(atoms, centres, self.core_radius, cfg.buffer)
             if cfg.cap_hydrogen:
                 piece = cap_cut_bonds(atoms, piece)

@@ -180,3 +180,31 @@ def test_relaxing_the_buffer_lowers_the_committees_disagreement_there_and_leaves
     assert np.array_equal(piece.atoms.positions[piece.core], core_before)
     value, _ = buffer_disagreement(ensemble, piece.atoms, ~piece.core)
     assert np.isclose(np.sqrt(float(value) / 3), after)
+
+
+def test_a_reference_of_periodic_cells_only_refuses_pieces_in_vacuum(tmp_path) -> None:
+    from campaign_helpers import tiny_config
+
+    from aimspax_like.config import ConfigError, config_from_dict
+
+    raw = tiny_config(tmp_path, al={"substructures": {"enabled": True, "box": "vacuum"}})
+    raw["reference"] = {"kind": "cp2k"}
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict(raw)
+    assert refused.value.key == "al.substructures.box"
+    raw["al"]["substructures"]["box"] = "auto"
+    assert config_from_dict(raw).al.substructures.box == "auto"
+    with pytest.raises(Exception, match="group_radius"):
+        config_from_dict(tiny_config(tmp_path, al={"substructures": {"core_radius": 3.0, "group_radius": 4.0}}))
+
+
+def test_without_vacuum_a_frame_no_box_fits_is_labelled_whole(cell) -> None:
+    from aimspax_like.config import SubstructureConfig
+    from aimspax_like.piece_planner import PiecePlanner
+
+    forces = np.zeros((2, len(cell), 3))
+    forces[0, 7] = [1.0, 0.0, 0.0]
+    planner = PiecePlanner(SubstructureConfig(enabled=True, min_atoms=100, core_radius=2.8, buffer=3.0),
+                           receptive_field=9.0, vacuum=False)
+    plan = planner.plan(cell, forces, threshold=0.1)
+    assert plan.pieces == [] and plan.reason.startswith("does not fit")
