@@ -208,3 +208,19 @@ def test_without_vacuum_a_frame_no_box_fits_is_labelled_whole(cell) -> None:
                            receptive_field=9.0, vacuum=False)
     plan = planner.plan(cell, forces, threshold=0.1)
     assert plan.pieces == [] and plan.reason.startswith("does not fit")
+
+
+@pytest.mark.slow
+def test_the_substructure_study_runs_and_prints_its_table(tmp_path, capsys) -> None:
+    """The study end to end at toy size: a 256-atom cell, one label per arm, a short MD."""
+    study = load_workflow("ideal_substructures")
+    assert study.main(["--out", str(tmp_path), "--arms", "whole:1", "pieces:2", "--steps", "40", "--repeat", "4",
+                       "--core", "2.0", "--buffer", "3.0", "--test-frames", "2", "--final-epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| whole_1 |" in out and "| pieces_2 |" in out and "pieces_2/whole" in out
+    import json
+
+    rows = json.loads((tmp_path / "results.json").read_text())["arms"]
+    pieces = rows["pieces_2"]
+    assert pieces["atoms_labelled"] < 2 * 256 and pieces["core_atoms"] < pieces["atoms_labelled"]
+    assert rows["whole_1"]["core_atoms"] == rows["whole_1"]["atoms_labelled"]

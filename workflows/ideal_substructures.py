@@ -50,31 +50,35 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARMS = ("whole:10", "pieces:10", "pieces:40")
 
 
-def hot_cell(seed: int) -> Atoms:
-    cell = bulk("Cu", "fcc", a=3.61, cubic=True) * (6, 6, 6)
+def hot_cell(seed: int, repeat: int = 6) -> Atoms:
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True) * (repeat, repeat, repeat)
     cell.positions += np.random.default_rng(seed).normal(scale=0.05, size=cell.positions.shape)
     return cell
 
 
-def held_out_frames(n: int, temperature: float, stride: int, seed: int) -> list[Atoms]:
-    """``n`` frames of EMT Langevin MD (ASE's), every ``stride`` steps after 2 strides of warm-up."""
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+def held_out_frames(n: int, temperature: float, stride: int, seed: int, repeat: int = 6) -> list[Atoms]:
+    """``n`` frames of EMT Langevin MD (the engine's integrator), every ``stride`` steps after two
+    strides of warm-up, from a start of its own (another rattle than the campaigns')."""
+    from aimspax_like.config import MDConfig
+    from aimspax_like.sampling.ase_md import calculator_forces
+    from aimspax_like.sampling.dynamics import maxwell_boltzmann, step_batch
+    from aimspax_like.sampling.state import MDState
 
-    atoms = hot_cell(seed + 1000)
+    atoms = hot_cell(seed + 1000, repeat)
+    rng = np.random.default_rng(seed)
+    atoms.set_momenta(maxwell_boltzmann(atoms, temperature, rng))
     atoms.calc = EMT()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
-    dynamics = Langevin(atoms, 2.0 * units.fs, temperature_K=temperature, friction=0.02,
-                        rng=np.random.default_rng(seed + 1))
-    dynamics.run(2 * stride)
+    state = MDState(atoms, MDConfig(temperature_K=temperature, friction_per_fs=0.02, timestep_fs=2.0), rng)
     frames = []
-    for _ in range(n):
-        dynamics.run(stride)
-        frame = atoms.copy()
-        frame.calc = None
-        frame.arrays["EMT_forces"] = atoms.get_forces()
-        frames.append(frame)
+    for k in range((n + 2) * stride):
+        step_batch([state], calculator_forces, None, None)
+        if k + 1 > 2 * stride and (k + 1) % stride == 0:
+            frame = Atoms(atoms.numbers, atoms.positions.copy(), cell=atoms.cell.copy(), pbc=True)
+            frame.calc = EMT()
+            forces = frame.get_forces()
+            frame.calc = None
+            frame.arrays["EMT_forces"] = forces
+            frames.append(frame)
     return frames
 
 
@@ -101,7 +105,7 @@ def arm_config(arm: str, pieces: bool, labels: int, args: argparse.Namespace, ou
         "al": {"num_trajectories": 2, "check_every": 5, "warmup": 4, "max_train_set_size": idg_frames + labels,
                "max_md_steps": args.steps, "intermediate_epochs": 2, "max_epochs_per_point": 4,
                "valid_ratio": 0.1, "md": {"temperature_K": args.temperature, "timestep_fs": 2.0},
-               "substructures": {"enabled": pieces, "min_atoms": 200, "core_radius": args.core,
+               "substructures": {"enabled": pieces, "min_atoms": 100, "core_radius": args.core,
                                  "buffer": args.buffer, "box": "vacuum", "max_per_frame": args.pieces}},
         "converge": {"enabled": True, "members": "all", "patience": args.final_epochs,
                      "max_epochs": args.final_epochs},
@@ -179,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--buffer", type=float, default=6.0, help="buffer (A); see workflows/ideal_locality.py")
     parser.add_argument("--pieces", type=int, default=2, help="pieces per frame at most")
     parser.add_argument("--test-frames", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=6, help="cubic fcc cells per edge (6: 864 atoms)")
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "start.xyz").exists():
-        write(out / "start.xyz", hot_cell(args.seed))
+        write(out / "start.xyz", hot_cell(args.seed, args.repeat))
     started = time.perf_counter()
     running = []
     for arm, pieces, labels in args.arms:
@@ -196,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         running.append((arm, launch(path, run, out / f"{arm}.log")))
     test_path = out / "held_out.xyz"
     if not test_path.exists():
-        write(test_path, held_out_frames(args.test_frames, args.temperature, stride=100, seed=args.seed))
+        write(test_path, held_out_frames(args.test_frames, args.temperature, stride=100, seed=args.seed,
+                                         repeat=args.repeat))
     frames = read(test_path, ":")
     for arm, process in running:
         if process.wait() != 0:
