@@ -236,10 +236,13 @@ class Relabel:
         old = self.p.frames[k]
         frame = LabelledFrame(
             numbers=old.numbers, positions=old.positions, cell=old.cell, pbc=old.pbc, energy=result.energy,
-            forces=result.forces, stress=result.stress if self.p.config.reference.compute_stress else None,
+            forces=result.forces,
+            stress=result.stress if self.p.config.reference.compute_stress and not old.is_piece else None,
             split=old.split, origin=old.origin, trajectory=old.trajectory, md_step=old.md_step,
             uncertainty=old.uncertainty, member=old.member, reference=self.p.fingerprint,
-            label_wall_s=result.wall_s, source=source_tag(self.p.dataset, k))
+            label_wall_s=result.wall_s, source=source_tag(self.p.dataset, k),
+            # A substructure stays one: only its core forces are labels at the new level too.
+            piece=old.piece, force_mask=old.force_mask, parent_index=old.parent_index)
         index = self.store.append(frame)
         self.labeller.record_success(result)
         self.done.add(k)
