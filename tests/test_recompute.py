@@ -345,3 +345,23 @@ def test_a_real_sigint_to_the_command_and_a_resume(finished_campaign, tmp_path):
     sources = _sources(out)
     assert sorted(sources) == list(range(total))
     assert set(Counter(e["source"] for e in _events(out, "label_done", "recompute")).values()) == {1}
+
+
+def test_a_relabelled_substructure_stays_a_substructure(finished_campaign, parsl_executor, tmp_path):
+    """A piece relabelled at another level keeps its piece number, core mask and parent indices:
+    stored as a whole frame, its buffer atoms' forces would train."""
+    import dataclasses
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_campaign[0], run, ignore=shutil.ignore_patterns("parsl"))
+    store = DatasetStore(run / "data" / "dataset.h5")
+    whole = next(f for f in store.frames() if f.split == "train")
+    mask = np.arange(len(whole)) < 2
+    store_piece = dataclasses.replace(whole, origin="al", trajectory=7, md_step=3, piece=0, stress=None,
+                                      force_mask=mask, parent_index=np.arange(len(whole)) + 40)
+    DatasetStore.open(run / "data" / "dataset.h5").append(store_piece)
+    recompute(RecomputeOptions(run_dir=run, reference=_lj_file(tmp_path)), executor=parsl_executor)
+    new = [f for f in DatasetStore(tmp_path / "run-lj" / "data" / "dataset.h5").frames() if f.is_piece]
+    assert len(new) == 1 and new[0].piece == 0 and new[0].stress is None
+    assert new[0].force_mask.tolist() == mask.tolist()
+    assert new[0].parent_index.tolist() == (np.arange(len(whole)) + 40).tolist()
