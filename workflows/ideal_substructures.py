@@ -211,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = {arm: evaluate(out / arm, frames) for arm, _, _ in args.arms}
     text = table(rows)
     print(text)
-    whole = next((rows[arm] for arm, pieces, _ in args.arms if not pieces), None)
+    # Ratios against the whole-frame arm with the most labels (the one substructures should match).
+    wholes = [(labels, arm) for arm, pieces, labels in args.arms if not pieces and rows[arm]["al_labels"]]
+    whole = rows[max(wholes)[1]] if wholes else None
     for arm, pieces, _ in args.arms:
         if pieces and whole is not None:
             r = rows[arm]
