@@ -22,7 +22,7 @@ labelled, EMT time, the cost a cubic-scaling DFT code would have (the sum of N^3
 labels, in units of one whole frame) and the held-out force MAE and RMSE::
 
     .venv/bin/python workflows/ideal_substructures.py                  # ~40 min on 2 cores (5 arms)
-    .venv/bin/python workflows/ideal_substructures.py --arms whole:4 pieces:4 --steps 400 --out runs/ideal_quick
+    .venv/bin/python workflows/ideal_substructures.py --arms whole:4 pieces:8 --steps 400 --out runs/ideal_quick
 
 Finished campaigns are read, not rerun.
 """
