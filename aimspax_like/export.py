@@ -309,7 +309,9 @@ def _manifest(run_dir: Path, kind: str, out: Path, frames: dict[str, list],
 def _print_summary(out: Path, manifest: dict[str, Any]) -> None:
     frames = manifest["frames"]
     skipped = ", ".join(f"{n} {s}" for s, n in manifest["not_exported"].items() if n)
+    pieces = manifest.get("substructures", 0)
     print(f"exported {frames['train']} train, {frames['valid']} valid, {frames['test']} test frames"
+          + (f", {pieces} substructures" if pieces else "")
           + (f" ({skipped} frames not exported)" if skipped else "") + f" and {len(manifest['models'])} model(s)")
     for entry in manifest["files"]:
         print(f"{entry['bytes']:>10}  {out / entry['path']}")

@@ -8,6 +8,8 @@ from a checkpoint with pieces in flight, and export apart from the whole frames.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -85,6 +87,8 @@ def test_export_keeps_substructures_apart_with_their_masks(campaign, tmp_path):
     run, _ = campaign
     assert main(["export", str(run), "--out", str(tmp_path / "export"), "--no-lammps", "--model", "members"]) == 0
     pieces = read(tmp_path / "export" / "substructures.xyz", ":")
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["substructures"] == len(pieces) and "substructures.xyz" in [f["path"] for f in manifest["files"]]
     stored = [f for f in DatasetStore.open(run / "data" / "dataset.h5").frames() if f.is_piece]
     assert len(pieces) == len(stored)
     assert [a.arrays["force_mask"].tolist() for a in pieces] == [f.force_mask.tolist() for f in stored]
