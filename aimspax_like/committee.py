@@ -160,7 +160,7 @@ class Committee:
         return self.last_metrics
 
     def refit_energies(self, max_frames: int | None = None) -> list[dict[int, float]]:
-        """Refit every member's E0s to its training frames (the latest ``max_frames`` of them).
+        """Refit every member's E0s to its training frames with an energy (the latest ``max_frames``).
 
         Training with the paper's weights (energy 1, forces 1000) lets each member's energy drift
         by a constant per atom that costs almost nothing in the loss; members then disagree on
@@ -172,6 +172,8 @@ class Committee:
 
         shifts = []
         for k, train in enumerate(self.member_train):
+            # Substructures carry no energy: the latest frames with one set the E0s.
+            train = [a for a in train if "REF_energy" in a.info]
             frames = train if max_frames is None else train[-max_frames:]
             shifts.append(refit_atomic_energies(self.ensemble, k, frames))
         return shifts
