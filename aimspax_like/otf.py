@@ -453,14 +453,18 @@ class OnTheFlyCalculator(Calculator):
         found no piece worth carving (the caller labels the frame whole)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        plan = self.planner.plan(atoms, member_forces, threshold if np.isfinite(threshold) else measured)
-        if not plan.pieces:
-            if self.events is not None:
-                self.events.emit("otf_substructures_skipped", step=step, reason=plan.reason, atoms=len(atoms))
-            return None
-        stored = {k: self.store.frame(self.stored_pieces[(step, k)]) for k in range(len(plan.pieces))
-                  if (step, k) in self.stored_pieces} if self.store is not None else {}
-        todo = [k for k in range(len(plan.pieces)) if k not in stored]
+        # A resumed run replaying this call takes the pieces an earlier process stored for it, as
+        # they are (the planner's random crops need not come out the same twice); none is redone.
+        stored = self._stored_pieces_of(atoms, step)
+        pieces: list[Any] = []
+        if not stored:
+            plan = self.planner.plan(atoms, member_forces, threshold if np.isfinite(threshold) else measured)
+            if not plan.pieces:
+                if self.events is not None:
+                    self.events.emit("otf_substructures_skipped", step=step, reason=plan.reason, atoms=len(atoms))
+                return None
+            pieces = plan.pieces
+        todo = list(range(len(pieces)))
         spec = dict(self.reference_spec)
         spec.pop("compute_stress", None)  # a piece's stress is no label
         holders = []
@@ -468,7 +472,7 @@ class OnTheFlyCalculator(Calculator):
         def one(k: int) -> Any:
             workdir, holder = self._workdir(step)
             holders.append(holder)
-            return label(plan.pieces[k].atoms, spec, workdir + (f"_piece{k}" if holder is None else ""))
+            return label(pieces[k].atoms, spec, workdir + (f"_piece{k}" if holder is None else ""))
 
         try:
             with self._timed("reference"), ThreadPoolExecutor(max(1, len(todo))) as pool:
@@ -486,10 +490,11 @@ class OnTheFlyCalculator(Calculator):
             raise ReferenceLabelError(f"reference ({spec.get('kind')}) failed on piece {k} at call {step}: "
                                       f"{outcome.kind.value}: {outcome.message}")
         _, guess_forces, raw = self._guess
-        for k, piece in enumerate(plan.pieces):
+        for k in sorted(stored) or todo:
             if k in stored:
                 frame, reused = stored[k], True
             else:
+                piece = pieces[k]
                 outcome = outcomes[k]
                 frame = LabelledFrame.from_atoms(
                     piece.atoms, energy=outcome.energy, forces=outcome.forces, stress=None,
@@ -525,6 +530,29 @@ class OnTheFlyCalculator(Calculator):
                 member_stresses = self.committee.committee_stresses([atoms])[0]
             results["stress"] = full_3x3_to_voigt_6_stress(member_stresses.mean(axis=0))
         return results
+
+    def _stored_pieces_of(self, atoms: Atoms, step: int) -> dict[int, LabelledFrame]:
+        """The pieces stored for call ``step`` by an earlier process, if they were cut from this
+        very geometry (each atom where its parent atom is, up to one shift of the whole piece and
+        lattice vectors); else none."""
+        if self.store is None:
+            return {}
+        found = {k: self.store.frame(row) for (s, k), row in self.stored_pieces.items() if s == step}
+        for frame in found.values():
+            if frame.parent_index.max() >= len(atoms) or not np.array_equal(
+                    atoms.numbers[frame.parent_index[frame.parent_index >= 0]],
+                    frame.numbers[frame.parent_index >= 0]):
+                return {}
+            real = frame.parent_index >= 0
+            shift = frame.positions[real] - atoms.positions[frame.parent_index[real]]
+            shift -= shift[0]
+            if np.any(atoms.pbc):
+                from ase.geometry import find_mic
+
+                shift, _ = find_mic(shift, atoms.cell, atoms.pbc)
+            if np.abs(shift).max() > 1e-6:
+                return {}
+        return found
 
     def _train(self, step: int) -> None:
         """One training round after a label (its frames joined the committee already)."""

@@ -327,3 +327,10 @@ def test_a_large_frame_is_labelled_as_substructures_trained_on_their_cores_and_r
     assert len(store) == 2, "a piece stored before the restart was labelled again"
     reused = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "otf_label"][2:]
     assert [e["reused"] for e in reused] == [True, True]
+    # The same call at another geometry (a replay that went elsewhere): the stored pieces do not answer it.
+    elsewhere = atoms.copy()
+    elsewhere.positions[pieces[0].parent_index[0]] += [0.05, 0.0, 0.0]  # an atom of the first piece
+    elsewhere.calc = calculator()
+    elsewhere.get_forces()
+    fresh = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "otf_label"][4:]
+    assert fresh and not any(e["reused"] for e in fresh) and len(store) == 2 + len(fresh)
