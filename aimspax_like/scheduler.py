@@ -454,6 +454,10 @@ class ALScheduler(SchedulerCheckpoint):
             self.events.emit("substructures_skipped", trajectory=trajectory.index, step=step, reason=plan.reason,
                              atoms=len(frame))
             return False
+        # No piece is sent past the training-set budget (as no frame is, see ``_may_submit``); the
+        # most uncertain pieces come first. A frame's pieces go together even past the in-flight cap.
+        room = self.config.max_train_set_size - self.budget_size() - len(self._in_flight)
+        del plan.pieces[max(1, room):]
         self.events.emit(
             "substructures", trajectory=trajectory.index, step=step, atoms=len(frame),
             uncertain_atoms=plan.uncertain_atoms, pieces=[len(p.atoms) for p in plan.pieces],

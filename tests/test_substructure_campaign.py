@@ -67,6 +67,8 @@ def test_the_dataset_holds_substructures_with_their_masks(campaign):
         assert np.allclose(atoms.get_forces(), f.forces, atol=1e-8)
     keys = DatasetStore.open(run / "data" / "dataset.h5").keys()
     assert len(keys) == len(set(keys))
+    # A frame's pieces are cut back to the room left: none is paid for past the budget.
+    assert sum(f.split == "train" for f in frames) <= 14
     assert summary["al"]["labels_done"] == len({(f.trajectory, f.md_step) for f in pieces})
 
 
