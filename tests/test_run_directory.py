@@ -208,7 +208,9 @@ def test_labels_that_keep_failing_stop_the_campaign_with_state_saved(after_idg, 
     ends = [e for e in read_events(tmp_path / "run/logs/events.jsonl") if e["event"] == "campaign_end"]
     assert len(ends) == 3
     earlier = ends[0]["wall_s"] + ends[1]["wall_s"]
-    assert earlier + 0.5 * ends[2]["wall_s"] < summary["wall_s"]["total"] <= earlier + ends[2]["wall_s"] + 5
+    # Above the earlier runs' total (not a share of the last run's: under load the part of the last
+    # run after its summary can be half of it), and not above all three.
+    assert earlier < summary["wall_s"]["total"] <= earlier + ends[2]["wall_s"] + 5
     assert summary["wall_s"]["training"] > ends[2]["seconds"]["training"]
     # So does its CPU profile: IDG ran in the first driver run only, AL's labels in the other two.
     profile = summary["profile"]
