@@ -422,26 +422,40 @@ class ALScheduler(SchedulerCheckpoint):
         if self.planner is not None and self.planner.applies(frame) and self._submit_pieces(
                 trajectory, frame, delta, threshold):
             return
-        label_id = self._next_label
-        self._next_label += 1
-        provenance = {
-            "origin": "al", "trajectory": trajectory.index, "md_step": trajectory.md.step,
-            "uncertainty": delta,
-        }
-        self.events.emit(
-            "label_submitted", phase="al", label=label_id, trajectory=trajectory.index, step=trajectory.md.step,
-            delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1,
-        )
+        label_id = self._send(trajectory, frame, delta, threshold)
         if not self.continues:
             self._set_status(trajectory, Status.WAITING)
         probe = self._probes.pop(trajectory.index, None)
         if probe is not None:  # this frame is also the step's analysis point: one label answers both
             self.analysis.ride(label_id, probe[1])
-        self.launch(label_id, trajectory.index, frame, provenance)
         self._notify("submitted")
+        self._wait_if_serial(lambda: label_id in self._in_flight)
+
+    def _send(self, trajectory: Trajectory, atoms: Atoms, delta: float, threshold: float,
+              piece: tuple[int, Any] | None = None) -> int:
+        """One label to the reference (a frame, or ``piece`` = (number, Substructure) of one): a
+        new label number, its ``label_submitted`` event, the launch. Returns the label number."""
+        label_id = self._next_label
+        self._next_label += 1
+        step = trajectory.md.step
+        provenance = {"origin": "al", "trajectory": trajectory.index, "md_step": step, "uncertainty": delta}
+        fields: dict[str, Any] = {}
+        if piece is not None:
+            k, sub = piece
+            provenance.update(piece=k, force_mask=sub.core.tolist(), parent_index=sub.parent_indices.tolist())
+            fields = {"piece": k, "atoms": len(sub.atoms), "core": sub.n_core}
+        self.events.emit(
+            "label_submitted", phase="al", label=label_id, trajectory=trajectory.index, step=step,
+            delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1, **fields,
+        )
+        self.launch(label_id, trajectory.index, atoms, provenance)
+        return label_id
+
+    def _wait_if_serial(self, outstanding: Callable[[], bool]) -> None:
+        """Serial mode: the whole loop waits while ``outstanding()`` (its label, or a frame's pieces)."""
         if self.config.mode == "serial":
             with self.clock.measure("waiting"):
-                while label_id in self._in_flight and not self.should_stop():
+                while outstanding() and not self.should_stop():
                     self._take_finished(block=True)
 
     def _submit_pieces(self, trajectory: Trajectory, frame: Atoms, delta: float, threshold: float) -> bool:
@@ -471,23 +485,9 @@ class ALScheduler(SchedulerCheckpoint):
         if not self.continues:
             self._set_status(trajectory, Status.WAITING)
         for k, piece in enumerate(plan.pieces):
-            label_id = self._next_label
-            self._next_label += 1
-            provenance = {
-                "origin": "al", "trajectory": trajectory.index, "md_step": step, "uncertainty": delta,
-                "piece": k, "force_mask": piece.core.tolist(), "parent_index": piece.parent_indices.tolist(),
-            }
-            self.events.emit(
-                "label_submitted", phase="al", label=label_id, trajectory=trajectory.index, step=step,
-                delta=delta, threshold=threshold, in_flight=len(self._in_flight) + 1, piece=k,
-                atoms=len(piece.atoms), core=piece.n_core,
-            )
-            self.launch(label_id, trajectory.index, piece.atoms, provenance)
+            self._send(trajectory, piece.atoms, delta, threshold, piece=(k, piece))
         self._notify("submitted")
-        if self.config.mode == "serial":
-            with self.clock.measure("waiting"):
-                while (trajectory.index, step) in self._groups and not self.should_stop():
-                    self._take_finished(block=True)
+        self._wait_if_serial(lambda: (trajectory.index, step) in self._groups)
         return True
 
     def _piece_back(self, trajectory: Trajectory, provenance: dict[str, Any], stored: bool) -> None:
