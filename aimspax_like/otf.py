@@ -378,6 +378,27 @@ class OnTheFlyCalculator(Calculator):
             return holder.name, holder
         return str(base / f"traj{self.trajectory}_step{step}"), None
 
+    def _run_reference(self, atoms: Atoms, spec: dict[str, Any], step: int, suffix: str = "") -> tuple[Any, bool]:
+        """One reference calculation in the call's scratch folder (``suffix`` tells a piece's
+        apart); returns the outcome and whether its folder is kept (not a temporary one)."""
+        workdir, holder = self._workdir(step)
+        try:
+            return label(atoms, spec, workdir + (suffix if holder is None else "")), holder is None
+        finally:
+            if holder is not None:
+                holder.cleanup()
+
+    def _refuse(self, step: int, spec: dict[str, Any], outcome: Any, kept: bool, piece: int | None = None) -> None:
+        """A failed reference call: ``otf_label_failed``, then ``ReferenceLabelError`` (nothing is stored)."""
+        where = {} if piece is None else {"piece": piece}
+        if self.events is not None:
+            self.events.emit("otf_label_failed", step=step, **where, kind=str(outcome.kind.value),
+                             message=outcome.message, wall_s=outcome.wall_s)
+        raise ReferenceLabelError(
+            f"reference ({spec.get('kind')}) failed{'' if piece is None else f' on piece {piece}'} at call {step}: "
+            f"{outcome.kind.value}: {outcome.message}"
+            + (f" (scratch kept in {outcome.workdir})" if outcome.workdir and kept else ""))
+
     def _stored_label(self, atoms: Atoms, step: int) -> LabelledFrame | None:
         """The frame an earlier process of this run stored for this call, if it is this geometry."""
         index = self.stored_labels.get(step)
@@ -401,20 +422,10 @@ class OnTheFlyCalculator(Calculator):
         spec = dict(self.reference_spec)
         if want_stress:
             spec["compute_stress"] = True
-        workdir, holder = self._workdir(step)
-        try:
-            with self._timed("reference"):
-                outcome = label(atoms, spec, workdir)
-        finally:
-            if holder is not None:
-                holder.cleanup()
+        with self._timed("reference"):
+            outcome, kept = self._run_reference(atoms, spec, step)
         if not isinstance(outcome, LabelResult):
-            if self.events is not None:
-                self.events.emit("otf_label_failed", step=step, kind=str(outcome.kind.value),
-                                 message=outcome.message, wall_s=outcome.wall_s)
-            raise ReferenceLabelError(
-                f"reference ({spec.get('kind')}) failed at call {step}: {outcome.kind.value}: {outcome.message}"
-                + (f" (scratch kept in {outcome.workdir})" if outcome.workdir and holder is None else ""))
+            self._refuse(step, spec, outcome, kept)
         split = "train" if self.splits is None else self.splits.next()
         # LabelledFrame refuses non-finite numbers (label() already checked): nothing bad is stored.
         frame = LabelledFrame.from_atoms(
@@ -467,35 +478,19 @@ class OnTheFlyCalculator(Calculator):
         todo = list(range(len(pieces)))
         spec = dict(self.reference_spec)
         spec.pop("compute_stress", None)  # a piece's stress is no label
-        holders = []
-
-        def one(k: int) -> Any:
-            workdir, holder = self._workdir(step)
-            holders.append(holder)
-            return label(pieces[k].atoms, spec, workdir + (f"_piece{k}" if holder is None else ""))
-
-        try:
-            with self._timed("reference"), ThreadPoolExecutor(max(1, len(todo))) as pool:
-                outcomes = dict(zip(todo, pool.map(one, todo), strict=True))
-        finally:
-            for holder in holders:
-                if holder is not None:
-                    holder.cleanup()
-        failed = [(k, o) for k, o in outcomes.items() if not isinstance(o, LabelResult)]
-        if failed:
-            k, outcome = failed[0]
-            if self.events is not None:
-                self.events.emit("otf_label_failed", step=step, piece=k, kind=str(outcome.kind.value),
-                                 message=outcome.message, wall_s=outcome.wall_s)
-            raise ReferenceLabelError(f"reference ({spec.get('kind')}) failed on piece {k} at call {step}: "
-                                      f"{outcome.kind.value}: {outcome.message}")
+        with self._timed("reference"), ThreadPoolExecutor(max(1, len(todo))) as pool:
+            outcomes = dict(zip(todo, pool.map(
+                lambda k: self._run_reference(pieces[k].atoms, spec, step, f"_piece{k}"), todo), strict=True))
+        for k, (outcome, kept) in outcomes.items():
+            if not isinstance(outcome, LabelResult):
+                self._refuse(step, spec, outcome, kept, piece=k)
         _, guess_forces, raw = self._guess
         for k in sorted(stored) or todo:
             if k in stored:
                 frame, reused = stored[k], True
             else:
                 piece = pieces[k]
-                outcome = outcomes[k]
+                outcome = outcomes[k][0]
                 frame = LabelledFrame.from_atoms(
                     piece.atoms, energy=outcome.energy, forces=outcome.forces, stress=None,
                     split="train" if self.splits is None else self.splits.next(), origin=OTF_ORIGIN,
