@@ -18,6 +18,7 @@ hold most of its atoms anyway, or no box fits its cell. Each piece is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +80,11 @@ class PiecePlanner:
             return Plan([], "small")
         per_atom = atomic_force_std(member_forces)
         limit = self.config.atom_threshold if self.config.atom_threshold is not None else threshold
-        if not np.isfinite(limit):
-            limit = float(per_atom.max())
-        groups = group_uncertain_atoms(atoms, per_atom, min(limit, float(per_atom.max()) * (1 - 1e-12)),
-                                       self.group_radius, self.config.max_per_frame)
+        # The most uncertain atom always gets a piece, even below the limit (a frame sent for its
+        # stress, or an infinite threshold during the warm-up).
+        below_max = float(np.nextafter(per_atom.max(), -np.inf))
+        groups = group_uncertain_atoms(atoms, per_atom, min(limit, below_max), self.group_radius,
+                                       self.config.max_per_frame)
         uncertain = int((per_atom > limit).sum())
         pieces = []
         try:
@@ -150,7 +152,7 @@ def relax_buffer(ensemble: Any, piece: Substructure, steps: int, max_step: float
 
     buffer = ~piece.core
     if not buffer.any() or steps <= 0:
-        return math_nan(), math_nan()
+        return math.nan, math.nan
     atoms = piece.atoms
     value, positions = buffer_disagreement(ensemble, atoms, buffer, create_graph=True)
     first = current = float(value.detach())
@@ -173,6 +175,3 @@ def relax_buffer(ensemble: Any, piece: Substructure, steps: int, max_step: float
         current = float(value.detach())
     return float(np.sqrt(first / 3)), float(np.sqrt(current / 3))
 
-
-def math_nan() -> float:
-    return float("nan")
