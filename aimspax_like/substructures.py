@@ -117,10 +117,7 @@ def carve(atoms: Atoms, centres: Sequence[int], core_radius: float, buffer: floa
     centres = [int(c) for c in centres]
     origin = centres[0]
     to_origin, _ = distances_from(atoms, origin)
-    nearest = np.full(len(atoms), np.inf)
-    for c in centres:
-        _, lengths = distances_from(atoms, c)
-        nearest = np.minimum(nearest, lengths)
+    nearest = _nearest_centre(atoms, centres)
     keep = np.flatnonzero(nearest <= core_radius + buffer)
     core = nearest[keep] <= core_radius
     # Minimum-image vectors from the first centre: the piece comes out whole. Centres farther
@@ -132,6 +129,7 @@ def carve(atoms: Atoms, centres: Sequence[int], core_radius: float, buffer: floa
 
 
 def _nearest_centre(atoms: Atoms, centres: Sequence[int]) -> np.ndarray:
+    """Each atom's distance to the nearest of ``centres`` (minimum image when periodic)."""
     nearest = np.full(len(atoms), np.inf)
     for c in centres:
         _, lengths = distances_from(atoms, int(c))
