@@ -32,10 +32,11 @@ def node_force_weights(ref) -> torch.Tensor:
 
 def masked_mean_squared_error_forces(ref, pred) -> torch.Tensor:
     """Mean squared force error over the labelled (unmasked) components of the batch."""
-    mask = getattr(ref, "force_mask", None)
-    labelled = ref["forces"].shape[0] if mask is None else mask.sum()
     squared = node_force_weights(ref) * torch.square(ref["forces"] - pred["forces"])
-    return squared.sum() / (3.0 * labelled).clamp(min=1.0) if mask is not None else squared.mean()
+    mask = getattr(ref, "force_mask", None)
+    if mask is None:  # a graph built without the engine's mask: every atom a label, mace's mean
+        return squared.mean()
+    return squared.sum() / (3.0 * mask.sum()).clamp(min=1.0)
 
 
 class MaskedEnergyForcesLoss(WeightedEnergyForcesLoss):

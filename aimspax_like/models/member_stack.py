@@ -228,15 +228,14 @@ class PaddedBatch:
     """One step's batches of all members, padded to common sizes and stacked on axis 0.
 
     ``graph``: what the MACE forward reads; ``labels``: references and loss weights (zero for
-    dummies); ``n_graphs``/``n_atoms`` [K]: each member's real counts (0 for a member without a
-    batch this step); ``n_labelled`` [K]: its atoms whose force is a label (``force_mask``: a
-    substructure's buffer atoms are not), the force mean's denominator.
+    dummies); ``n_graphs`` [K]: each member's real graphs (0 for a member without a batch this
+    step), the energy mean's denominator; ``n_labelled`` [K]: its atoms whose force is a label
+    (``force_mask``: a substructure's buffer atoms are not), the force mean's denominator.
     """
 
     graph: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     n_graphs: torch.Tensor
-    n_atoms: torch.Tensor
     n_labelled: torch.Tensor
 
 
@@ -255,7 +254,7 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
     n_elements = int(real[0].node_attrs.shape[1])
     far = 2.0 * float(r_max) + 1.0  # beyond the cutoff: the envelope is exactly zero there
     rows: dict[str, list[torch.Tensor]] = {}
-    counts_g, counts_n, counts_f = [], [], []
+    counts_g, counts_f = [], []
 
     def add(name: str, value: torch.Tensor) -> None:
         rows.setdefault(name, []).append(value)
@@ -265,7 +264,6 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
         n = int(b.num_nodes) if b is not None else 0
         e = int(b.edge_index.shape[1]) if b is not None else 0
         counts_g.append(g)
-        counts_n.append(n)
         pad_n, pad_e, pad_g = n_nodes - n, n_edges - e, n_graphs - g
         dummy_attrs = torch.zeros(pad_n, n_elements, dtype=dtype)
         dummy_attrs[:, 0] = 1.0
@@ -313,7 +311,6 @@ def pad_batches(batches: Sequence[Any | None], r_max: float, device: torch.devic
         graph=graph,
         labels=stacked,
         n_graphs=torch.tensor(counts_g, dtype=dtype, device=device),
-        n_atoms=torch.tensor(counts_n, dtype=dtype, device=device),
         n_labelled=torch.tensor(counts_f, dtype=dtype, device=device),
     )
 
