@@ -240,10 +240,8 @@ class DatasetStore:
                     del h5[name]
                 kind, rows = ("atom", n_atoms) if name in _PER_ATOM else ("frame", n)
                 dtype, shape = (_PER_ATOM if kind == "atom" else _PER_FRAME)[name]
-                ds = h5.create_dataset(name, shape=(rows, *shape), maxshape=(None, *shape), dtype=dtype,
-                                       chunks=(_CHUNK_ROWS[kind], *shape))
-                if rows and fill not in (b"", 0):
-                    ds[:] = fill
+                h5.create_dataset(name, shape=(rows, *shape), maxshape=(None, *shape), dtype=dtype,
+                                  chunks=(_CHUNK_ROWS[kind], *shape), fillvalue=fill)
         h5.flush()
         h5.attrs["format_version"] = FORMAT_VERSION
 
